@@ -1,0 +1,112 @@
+"""Boolean parameter masks (True = keep local, False = aggregate).
+
+Path masks for the baselines (head, BatchNorm, body) and score-based masks: the
+top fraction of entries by a score, per tensor or globally (ResFIM, FedCAC). All
+masks are pytrees of bool arrays shaped like the parameters; stacked masks carry a
+leading client axis.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from pflresfim_jax import models
+
+Array = jax.Array
+PyTree = Any
+
+SCOPES = ('tensor', 'global')
+
+
+def by_path(params: PyTree, predicate: Callable[[Any], bool]) -> PyTree:
+  """Mask that is True on the whole leaf wherever ``predicate(path)`` holds."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.full(x.shape, bool(predicate(path))), params)
+
+
+def constant(params: PyTree, value: bool) -> PyTree:
+  return jax.tree.map(lambda x: jnp.full(x.shape, value), params)
+
+
+def head(params: PyTree) -> PyTree:
+  """The output layer (FedPer, FedRep)."""
+  return by_path(params, models.is_head)
+
+
+def body(params: PyTree) -> PyTree:
+  """Everything but the output layer (LG-FedAvg)."""
+  return by_path(params, models.is_body)
+
+
+def batchnorm(params: PyTree) -> PyTree:
+  """BatchNorm scale and bias (FedBN)."""
+  return by_path(params, models.is_bn)
+
+
+def top_k_count(size: int, ratio: float) -> int:
+  """Entries selected from ``size`` at fraction ``ratio``: ``ceil(ratio * size)``.
+
+  Rounding up means any ``ratio > 0`` selects at least one entry of every tensor;
+  the tiny slack keeps e.g. ``0.2 * 10`` from becoming 3 by float error.
+  """
+  if not 0.0 <= ratio <= 1.0:
+    raise ValueError(f'ratio must be in [0, 1], got {ratio!r}')
+  return min(size, int(math.ceil(ratio * size - 1e-9)))
+
+
+def _top_k_flat(scores: Array, k: int) -> Array:
+  """Bool mask of the k largest entries of 1-D ``scores``; ties go to lower index."""
+  if k == 0:
+    return jnp.zeros(scores.shape, bool)
+  # NaN scores rank last.
+  s = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
+  order = jnp.argsort(-s, stable=True)
+  return jnp.zeros(scores.shape, bool).at[order[:k]].set(True)
+
+
+@functools.partial(jax.jit, static_argnames=('ratio', 'scope', 'eps'))
+def top_fraction(scores: PyTree, ratio: float, scope: str = 'tensor',
+                 eps: float = 1e-12) -> PyTree:
+  """Mask of the top ``ratio`` fraction of entries by score.
+
+  Args:
+    scores: pytree of float arrays (no client axis; vmap for stacked scores).
+    ratio: fraction in ``[0, 1]``.
+    scope: 'tensor': ``ceil(ratio * size)`` entries within every leaf; 'global':
+      ``ceil(ratio * total)`` entries over all leaves after dividing each leaf by
+      its mean (so layers of different scale compete fairly).
+    eps: added to each leaf's mean in 'global' scope.
+
+  Returns:
+    bool pytree shaped like ``scores``. Ties are broken by position (earlier
+    leaf, then lower flat index), so the result is deterministic.
+  """
+  if scope == 'tensor':
+    return jax.tree.map(
+        lambda s: _top_k_flat(s.ravel(), top_k_count(s.size, ratio)).reshape(s.shape),
+        scores)
+  if scope == 'global':
+    leaves, treedef = jax.tree.flatten(scores)
+    flat = jnp.concatenate([(s / (jnp.mean(s) + eps)).ravel() for s in leaves])
+    picked = _top_k_flat(flat, top_k_count(flat.size, ratio))
+    out, start = [], 0
+    for s in leaves:
+      out.append(picked[start:start + s.size].reshape(s.shape))
+      start += s.size
+    return jax.tree.unflatten(treedef, out)
+  raise ValueError(f'resfim.scope must be one of {SCOPES}, got {scope!r}')
+
+
+def fraction_true(mask: PyTree) -> Array:
+  """Fraction of True entries over a whole mask pytree (stacked: over everything)."""
+  leaves = jax.tree.leaves(mask)
+  return sum(m.sum() for m in leaves) / sum(m.size for m in leaves)
+
+
+def stack(mask: PyTree, num_clients: int) -> PyTree:
+  """Broadcast an unstacked mask to ``[K, ...]``."""
+  return jax.tree.map(lambda m: jnp.broadcast_to(m, (num_clients, *m.shape)), mask)

@@ -1,0 +1,162 @@
+"""Segmentation networks (Flax linen) and the parameter-path vocabulary of the baselines.
+
+``UNet2D`` is the reference network of METHOD.md 5 (base 16, 3 input channels:
+3,184,721 parameters). Parameters are plain pytrees: ``model.init`` /
+``model.apply``; the federated code stacks them along a leading client axis.
+
+Naming, which the path masks of the baselines rely on:
+
+* every conv+BN pair is a ``ConvBN`` module with children ``conv`` and ``bn``;
+  BatchNorm scale/bias therefore live under a key ``'bn'``;
+* the 1x1 output convolution is ``'head'``; everything else is the body.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+HEAD = 'head'
+BN = 'bn'
+
+# Kaiming-normal, fan_out, ReLU gain (torch's kaiming_normal_(mode='fan_out')).
+kaiming_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+class ConvBN(nn.Module):
+  """conv (with bias) -> BatchNorm -> optional ReLU."""
+  features: int
+  kernel: int = 3
+  relu: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool, mask: Optional[Array] = None) -> Array:
+    x = nn.Conv(self.features, (self.kernel, self.kernel), padding='SAME',
+                kernel_init=kaiming_fan_out, dtype=self.dtype, name='conv')(x)
+    # Statistics and normalisation in float32 whatever the compute dtype.
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                     dtype=self.dtype, param_dtype=jnp.float32, name=BN)(x, mask=mask)
+    return nn.relu(x) if self.relu else x
+
+
+def _upsample2(x: Array) -> Array:
+  """Nearest-neighbour 2x upsampling of [N, H, W, C]."""
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def _maxpool2(x: Array) -> Array:
+  return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+
+class UNet2D(nn.Module):
+  """The benchmark UNet (METHOD.md 5).
+
+  Attributes:
+    base: channel width ``n`` of the first level (reference: 16).
+    out_channels: logits per pixel (1 for binary segmentation).
+    dtype: compute dtype (``jnp.bfloat16`` for mixed precision; parameters stay
+      float32).
+
+  Call: ``apply(variables, x [N, H, W, Cin], train, mask=None, features=False)``
+  returns logits ``[N, H, W, out]`` (and the last decoder feature map
+  ``[N, H, W, 2n]`` when ``features=True``). ``mask`` (bool ``[N]``) marks the real
+  examples of a padded batch: padded ones never enter BatchNorm statistics.
+  H and W must be divisible by 16.
+  """
+  base: int = 16
+  out_channels: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False, mask: Optional[Array] = None,
+               features: bool = False):
+    n = self.base
+    if x.shape[1] % 16 or x.shape[2] % 16:
+      raise ValueError(f'UNet2D needs H and W divisible by 16, got {x.shape[1:3]}')
+    bmask = None if mask is None else mask.reshape(-1, 1, 1, 1)
+    block = lambda f, name, k=3, relu=True: ConvBN(f, k, relu, self.dtype, name=name)
+    x = x.astype(self.dtype)
+    skips = []
+    for level, width in enumerate((n, 2 * n, 4 * n, 8 * n, 16 * n), start=1):
+      if level > 1:
+        x = _maxpool2(x)
+      x = block(width, f'enc{level}_0', relu=False)(x, train, bmask)
+      x = block(width, f'enc{level}_1')(x, train, bmask)
+      x = block(width, f'enc{level}_2')(x, train, bmask)
+      skips.append(x)
+    for i, width in enumerate((16 * n, 8 * n, 4 * n, 2 * n)):
+      name = f'dec{i + 1}'
+      if i > 0:
+        x = block(width, f'{name}_in')(x, train, bmask)
+      x = _upsample2(x)
+      x = block(width // 2, f'{name}_up', k=1)(x, train, bmask)
+      x = jnp.concatenate([skips[3 - i], x], axis=-1)
+      x = block(width, f'{name}_out')(x, train, bmask)
+    feat = x
+    logits = nn.Conv(self.out_channels, (1, 1), kernel_init=kaiming_fan_out,
+                     dtype=self.dtype, name=HEAD)(feat)
+    logits = logits.astype(jnp.float32)
+    return (logits, feat.astype(jnp.float32)) if features else logits
+
+
+def count_params(params) -> int:
+  """Number of scalar parameters in a pytree."""
+  return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+def init(model: nn.Module, key: Array, image_shape: Sequence[int]):
+  """Initialise ``model`` for images ``[H, W, C]``.
+
+  Returns:
+    ``(params, batch_stats)``: two pytrees (``batch_stats`` is ``{}`` for a model
+    without BatchNorm).
+  """
+  variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, *image_shape), jnp.float32),
+                                           train=False))(key)
+  return variables['params'], variables.get('batch_stats', {})
+
+
+def inference_fn(model: nn.Module) -> Callable[[Any, Any, Array], Array]:
+  """``apply_fn(params, batch_stats, images [N,H,W,C]) -> logits [N,H,W,1]``.
+
+  BatchNorm uses its running statistics (inference mode): the function the Fisher
+  information is measured on.
+  """
+  def apply_fn(params, batch_stats, images):
+    return model.apply({'params': params, 'batch_stats': batch_stats}, images, train=False)
+  return apply_fn
+
+
+# ----------------------------------------------------------------------------
+# Path predicates: which leaves are head / BatchNorm / body.
+
+def path_keys(path) -> Tuple[str, ...]:
+  """A pytree key path as a tuple of strings."""
+  out = []
+  for k in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(k, attr):
+        out.append(str(getattr(k, attr)))
+        break
+    else:
+      out.append(str(k))
+  return tuple(out)
+
+
+def is_head(path) -> bool:
+  """True for the output convolution's kernel and bias."""
+  return HEAD in path_keys(path)
+
+
+def is_bn(path) -> bool:
+  """True for BatchNorm scale and bias."""
+  return BN in path_keys(path)
+
+
+def is_body(path) -> bool:
+  return not is_head(path)

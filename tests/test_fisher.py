@@ -1,0 +1,57 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pflresfim_jax import fisher, losses, models
+from helpers import random_batch, tiny_unet
+
+
+def reference(loss_fn, params, batch, mask=None):
+  """A Python loop of per-example jax.grad, squared and averaged."""
+  n = batch['image'].shape[0]
+  keep = [i for i in range(n) if mask is None or mask[i]]
+  acc = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), params)
+  grad = jax.jit(jax.grad(loss_fn))
+  for i in keep:
+    g = grad(params, {k: v[i] for k, v in batch.items()})
+    acc = jax.tree.map(lambda a, x: a + np.asarray(x, np.float64) ** 2, acc, g)
+  return jax.tree.map(lambda a: a / len(keep), acc)
+
+
+@pytest.fixture(scope='module')
+def setup():
+  model, params, stats = tiny_unet()
+  apply_fn = models.inference_fn(model)
+
+  def loss_fn(p, ex):
+    return losses.bce(apply_fn(p, stats, ex['image'][None])[0], ex['label'])
+  return loss_fn, params, random_batch(7)
+
+
+@pytest.mark.parametrize('chunk', [1, 3, 7, 16])
+def test_matches_loop_for_any_chunk(setup, chunk):
+  loss_fn, params, batch = setup
+  want = reference(loss_fn, params, batch)
+  got = fisher.diagonal(loss_fn, params, batch, chunk_size=chunk)
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-10), got, want)
+
+
+def test_example_mask(setup):
+  loss_fn, params, batch = setup
+  mask = np.array([1, 0, 1, 1, 0, 0, 1], bool)
+  want = reference(loss_fn, params, batch, mask)
+  got = jax.jit(lambda p, b, m: fisher.diagonal(loss_fn, p, b, 3, m))(params, batch, jnp.asarray(mask))
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-10), got, want)
+
+
+def test_linear_model_closed_form():
+  """Least squares: grad_w = (w.x - y) x, so F = mean((w.x - y)^2 x^2)."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(10, 4)).astype(np.float32)
+  y = rng.normal(size=(10,)).astype(np.float32)
+  w = rng.normal(size=(4,)).astype(np.float32)
+  loss = lambda p, ex: 0.5 * (jnp.dot(p['w'], ex['x']) - ex['y']) ** 2
+  got = fisher.diagonal(loss, {'w': jnp.asarray(w)}, {'x': jnp.asarray(x), 'y': jnp.asarray(y)}, 4)
+  r = x @ w - y
+  np.testing.assert_allclose(got['w'], np.mean((r[:, None] * x) ** 2, axis=0), rtol=1e-5)

@@ -1,0 +1,34 @@
+import numpy as np
+import jax.numpy as jnp
+
+from pflresfim_jax import losses
+
+
+def np_reference(logits, labels):
+  p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  bce = -(labels * np.log(p) + (1 - labels) * np.log(1 - p)).mean(axis=(1, 2, 3))
+  dice = (2 * (p * labels).sum((1, 2, 3)) + 1e-6) / (p.sum((1, 2, 3)) + labels.sum((1, 2, 3)) + 1e-6)
+  return bce, dice
+
+
+def test_against_numpy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(4, 8, 8, 1)).astype(np.float32) * 3
+  labels = (rng.uniform(size=(4, 8, 8, 1)) > 0.5).astype(np.float32)
+  bce, dice = np_reference(logits, labels)
+  np.testing.assert_allclose(losses.bce(jnp.asarray(logits), jnp.asarray(labels)), bce, rtol=1e-5)
+  np.testing.assert_allclose(losses.soft_dice(jnp.asarray(logits), jnp.asarray(labels)), dice, rtol=1e-5)
+  want = (0.5 * bce + 0.5 * (1 - dice)).mean()
+  np.testing.assert_allclose(losses.dice_bce_loss(jnp.asarray(logits), jnp.asarray(labels)), want, rtol=1e-5)
+  # single image form
+  np.testing.assert_allclose(losses.bce(jnp.asarray(logits[0]), jnp.asarray(labels[0])), bce[0], rtol=1e-5)
+
+
+def test_mask_ignores_padding():
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.normal(size=(5, 8, 8, 1)), jnp.float32)
+  labels = jnp.asarray(rng.uniform(size=(5, 8, 8, 1)) > 0.5, jnp.float32)
+  mask = jnp.array([True, True, True, False, False])
+  padded = logits.at[3:].set(100.0)
+  np.testing.assert_allclose(losses.dice_bce_loss(padded, labels, mask),
+                             losses.dice_bce_loss(logits[:3], labels[:3]), rtol=1e-6)

@@ -1,0 +1,54 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pflresfim_jax import masks, models
+from helpers import tiny_unet
+
+
+def test_top_k_count():
+  assert masks.top_k_count(10, 0.2) == 2
+  assert masks.top_k_count(1, 0.2) == 1
+  assert masks.top_k_count(7, 0.0) == 0
+  assert masks.top_k_count(7, 1.0) == 7
+  with pytest.raises(ValueError):
+    masks.top_k_count(7, 1.5)
+
+
+def test_tensor_scope_counts_and_order():
+  rng = np.random.default_rng(0)
+  scores = {'a': jnp.asarray(rng.uniform(size=(5, 4))), 'b': jnp.asarray(rng.uniform(size=(3,)))}
+  m = masks.top_fraction(scores, 0.3, 'tensor')
+  assert int(m['a'].sum()) == 6 and int(m['b'].sum()) == 1
+  a = np.asarray(scores['a']).ravel()
+  np.testing.assert_array_equal(np.sort(np.flatnonzero(np.asarray(m['a']).ravel())),
+                                np.sort(np.argsort(-a)[:6]))
+
+
+def test_ties_are_deterministic():
+  scores = {'a': jnp.array([1.0, 2.0, 2.0, 2.0, 0.0])}
+  m = masks.top_fraction(scores, 0.4, 'tensor')
+  np.testing.assert_array_equal(m['a'], [False, True, True, False, False])
+  m2 = jax.jit(lambda s: masks.top_fraction(s, 0.4))(scores)
+  np.testing.assert_array_equal(m2['a'], m['a'])
+
+
+def test_global_scope_normalises_by_leaf_mean():
+  # 'big' has 1000x the scale of 'small'; after dividing by the mean they compete evenly.
+  scores = {'big': jnp.array([1000.0, 3000.0]), 'small': jnp.array([1.0, 3.0])}
+  m = masks.top_fraction(scores, 0.5, 'global')
+  np.testing.assert_array_equal(m['big'], [False, True])
+  np.testing.assert_array_equal(m['small'], [False, True])
+  with pytest.raises(ValueError, match='scope'):
+    masks.top_fraction(scores, 0.5, 'layer')
+
+
+def test_path_masks_on_unet():
+  _, params, _ = tiny_unet()
+  head, bn = masks.head(params), masks.batchnorm(params)
+  assert bool(head['head']['kernel'].all()) and not bool(head['enc1_0']['conv']['kernel'].any())
+  assert bool(bn['enc1_0']['bn']['scale'].all()) and not bool(bn['enc1_0']['conv']['bias'].any())
+  body = masks.body(params)
+  total = models.count_params(params)
+  assert int(masks.fraction_true(body) * total + 0.5) == total - params['head']['kernel'].size - 1

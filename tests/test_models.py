@@ -1,0 +1,61 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pflresfim_jax import models
+
+
+def test_reference_parameter_count():
+  model = models.UNet2D(base=16)
+  shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False),
+                          jax.random.PRNGKey(0))
+  assert models.count_params(shapes['params']) == 3_184_721
+
+
+def test_output_shape_and_features():
+  model = models.UNet2D(base=2)
+  params, stats = models.init(model, jax.random.PRNGKey(0), (32, 16, 3))
+  x = jnp.ones((3, 32, 16, 3))
+  logits, feat = jax.jit(lambda v, x: model.apply(v, x, features=True))(
+      {'params': params, 'batch_stats': stats}, x)
+  assert logits.shape == (3, 32, 16, 1) and feat.shape == (3, 32, 16, 4)
+  with pytest.raises(ValueError, match='divisible by 16'):
+    model.apply({'params': params, 'batch_stats': stats}, jnp.ones((1, 20, 16, 3)))
+
+
+def test_bn_stats_update_only_in_train_mode():
+  model = models.UNet2D(base=2)
+  params, stats = models.init(model, jax.random.PRNGKey(0), (16, 16, 3))
+  x = jax.random.uniform(jax.random.PRNGKey(1), (4, 16, 16, 3))
+  variables = {'params': params, 'batch_stats': stats}
+  apply = jax.jit(lambda v, x, train: model.apply(v, x, train=train, mutable=['batch_stats']),
+                  static_argnums=2)
+  _, new = apply(variables, x, True)
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), stats, new['batch_stats'])
+  assert all(jax.tree.leaves(changed))
+  _, same = apply(variables, x, False)
+  jax.tree.map(np.testing.assert_array_equal, stats, same['batch_stats'])
+
+
+def test_bn_mask_excludes_padded_examples():
+  model = models.UNet2D(base=2)
+  params, stats = models.init(model, jax.random.PRNGKey(0), (16, 16, 3))
+  x = jax.random.uniform(jax.random.PRNGKey(1), (4, 16, 16, 3))
+  variables = {'params': params, 'batch_stats': stats}
+  apply = jax.jit(lambda v, x, m: model.apply(v, x, train=True, mask=m, mutable=['batch_stats']))
+  real, s_real = apply(variables, x[:2], None)
+  padded = x.at[2:].set(7.0)
+  out, s_pad = apply(variables, padded, jnp.array([1, 1, 0, 0], bool))
+  np.testing.assert_allclose(out[:2], real, atol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), s_real, s_pad)
+
+
+def test_path_predicates():
+  model = models.UNet2D(base=2)
+  params, _ = models.init(model, jax.random.PRNGKey(0), (16, 16, 3))
+  flags = jax.tree_util.tree_flatten_with_path(params)[0]
+  heads = [models.path_keys(p) for p, _ in flags if models.is_head(p)]
+  assert sorted(heads) == [('head', 'bias'), ('head', 'kernel')]
+  bns = [models.path_keys(p) for p, _ in flags if models.is_bn(p)]
+  assert len(bns) == 2 * 26 and all(k[-1] in ('scale', 'bias') for k in bns)
