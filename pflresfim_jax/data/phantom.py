@@ -1,0 +1,203 @@
+"""The built-in phantom federation: procedural retinal-vessel sites (DATA.md).
+
+Six sites share the anatomy (branching, tortuous vessel trees that leave an
+optic-disc-like origin and taper, inside a circular field of view) but differ the
+way real hospitals do:
+
+* style, mostly in low spatial frequencies: background and vessel tint, uneven
+  illumination (a gradient and vignetting), contrast, plus blur and noise;
+* label convention (different annotators): some sites mark thin capillaries,
+  others only vessels above a width; some mark slightly dilated vessels;
+* size: 12 to 40 images per site.
+
+Everything is deterministic given ``seed``, at any resolution, generated in memory
+in seconds with numpy. :func:`write_benchmark_layout` writes it to disk in the
+Fed-Vessel benchmark layout so the real loaders can be exercised on it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+from pflresfim_jax.data import federation
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteStyle:
+  name: str
+  num_images: int
+  background: Tuple[float, float, float]  # fundus tint, RGB in [0, 1]
+  vessel: Tuple[float, float, float]      # vessel tint
+  contrast: float                          # vessel opacity
+  gradient: Tuple[float, float]            # illumination slope along (y, x)
+  vignette: float                          # darkening at the rim
+  blur: float                              # Gaussian sigma, in units of 1/256 of the image
+  noise: float                             # additive Gaussian sigma
+  min_label_width: float                   # annotator ignores vessels thinner (px at 256)
+  label_dilation: float                    # annotator draws vessels this much wider (px at 256)
+
+
+SITES: Tuple[SiteStyle, ...] = (
+    SiteStyle('PhantomA', 20, (0.78, 0.36, 0.16), (0.45, 0.08, 0.05), 0.75, (0.10, 0.05), 0.35, 1.0, 0.015, 0.0, 0.0),
+    SiteStyle('PhantomB', 12, (0.55, 0.42, 0.30), (0.25, 0.15, 0.10), 0.55, (-0.25, 0.10), 0.55, 2.0, 0.030, 3.0, 0.0),
+    SiteStyle('PhantomC', 28, (0.92, 0.55, 0.25), (0.60, 0.20, 0.08), 0.85, (0.0, 0.30), 0.20, 0.6, 0.010, 0.0, 1.5),
+    SiteStyle('PhantomD', 16, (0.40, 0.25, 0.22), (0.12, 0.05, 0.06), 0.60, (0.20, -0.20), 0.65, 1.5, 0.040, 4.0, 1.0),
+    SiteStyle('PhantomE', 40, (0.70, 0.62, 0.45), (0.35, 0.25, 0.20), 0.45, (0.05, -0.05), 0.25, 2.5, 0.020, 0.0, 0.0),
+    SiteStyle('PhantomF', 24, (0.85, 0.30, 0.30), (0.50, 0.05, 0.10), 0.70, (-0.15, -0.25), 0.45, 1.0, 0.025, 2.0, 2.0),
+)
+
+
+def _branch(rng, start, angle, width, steps, depth, size, segs):
+  """Random-walk a tapering vessel; spawn thinner children along the way."""
+  p = np.asarray(start, np.float64)
+  step = 0.035 * size
+  for i in range(steps):
+    angle += rng.normal(0.0, 0.22)
+    q = p + step * np.array([np.sin(angle), np.cos(angle)])
+    w = width * (1.0 - 0.45 * i / steps)
+    segs.append((p[0], p[1], q[0], q[1], w))
+    p = q
+    if depth > 0 and rng.uniform() < 0.22 and i > 1:
+      side = rng.choice([-1.0, 1.0])
+      _branch(rng, p, angle + side * rng.uniform(0.5, 1.0), w * rng.uniform(0.55, 0.75),
+              max(4, int(steps * rng.uniform(0.4, 0.7))), depth - 1, size, segs)
+
+
+def _vessel_tree(rng, size: int) -> np.ndarray:
+  """Segments ``[S, 5]`` = (y0, x0, y1, x1, width) in pixels of a ``size`` image."""
+  disc = np.array([size * 0.5 + rng.normal(0, 0.04 * size),
+                   size * (0.5 + rng.choice([-1, 1]) * rng.uniform(0.15, 0.25))])
+  toward_centre = np.arctan2(0.0, size * 0.5 - disc[1])
+  segs: List[tuple] = []
+  for direction in (-1.0, 1.0):
+    for spread in (0.55, 1.25):
+      angle = toward_centre + direction * spread + rng.normal(0, 0.12)
+      _branch(rng, disc, angle, rng.uniform(6.0, 8.0) * size / 256, 22, 3, size, segs)
+  return np.array(segs, np.float64), disc
+
+
+def _rasterise(segs: np.ndarray, size: int, min_width: float, dilation: float):
+  """Soft vessel opacity and the binary label of one annotator convention."""
+  yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+  opacity = np.zeros((size, size))
+  label = np.zeros((size, size), bool)
+  for y0, x0, y1, x1, w in segs:
+    r = w / 2 + dilation + 2
+    ys = slice(max(0, int(min(y0, y1) - r)), min(size, int(max(y0, y1) + r) + 1))
+    xs = slice(max(0, int(min(x0, x1) - r)), min(size, int(max(x0, x1) + r) + 1))
+    if ys.start >= ys.stop or xs.start >= xs.stop:
+      continue
+    py, px = yy[ys, xs], xx[ys, xs]
+    dy, dx = y1 - y0, x1 - x0
+    t = np.clip(((py - y0) * dy + (px - x0) * dx) / max(dy * dy + dx * dx, 1e-9), 0, 1)
+    d = np.hypot(py - (y0 + t * dy), px - (x0 + t * dx))
+    opacity[ys, xs] = np.maximum(opacity[ys, xs], np.clip(w / 2 + 0.5 - d, 0, 1) * min(1.0, w))
+    if w >= min_width:
+      label[ys, xs] |= d <= w / 2 + dilation
+  return opacity, label
+
+
+def _gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
+  if sigma < 0.3:
+    return img
+  radius = int(3 * sigma) + 1
+  k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+  k /= k.sum()
+  pad = np.pad(img, ((radius, radius), (radius, radius), (0, 0)), mode='edge')
+  tmp = np.apply_along_axis(lambda v: np.convolve(v, k, mode='valid'), 0, pad)
+  return np.apply_along_axis(lambda v: np.convolve(v, k, mode='valid'), 1, tmp)
+
+
+def render(site: SiteStyle, rng: np.random.Generator, size: int) -> Tuple[np.ndarray, np.ndarray]:
+  """One phantom image ``[size, size, 3]`` in [0, 1] and its label ``[size, size, 1]``."""
+  scale = size / 256.0
+  segs, disc = _vessel_tree(rng, size)
+  opacity, label = _rasterise(segs, size, site.min_label_width * scale,
+                              site.label_dilation * scale)
+  yy, xx = (np.mgrid[0:size, 0:size] + 0.5) / size - 0.5
+  fov = np.hypot(yy, xx) <= 0.46
+  bg = np.asarray(site.background) * (1 + rng.normal(0, 0.04, 3))
+  img = bg[None, None, :] * (1 - site.contrast * opacity[..., None]) \
+      + np.asarray(site.vessel)[None, None, :] * site.contrast * opacity[..., None]
+  dd = np.hypot((np.mgrid[0:size, 0:size][0] + 0.5 - disc[0]) / size,
+                (np.mgrid[0:size, 0:size][1] + 0.5 - disc[1]) / size)
+  img = img + 0.35 * np.exp(-(dd / 0.06) ** 2)[..., None]  # bright optic disc
+  light = (1 + site.gradient[0] * yy * 2 + site.gradient[1] * xx * 2) \
+      * (1 - site.vignette * (np.hypot(yy, xx) / 0.46) ** 2)
+  img = img * light[..., None]
+  img = _gaussian_blur(img, site.blur * scale)
+  img = img + rng.normal(0, site.noise, img.shape)
+  img = np.clip(img, 0, 1) * fov[..., None]
+  return img.astype(np.float32), (label & fov)[..., None].astype(np.float32)
+
+
+def generate(seed: int = 0, image_size: int = 64, sites: Sequence[SiteStyle] = SITES,
+             images_per_site: Sequence[int] = ()) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+  """All images of every site: ``{name: (images [n,S,S,3], labels [n,S,S,1])}``.
+
+  Args:
+    seed: the only source of randomness.
+    image_size: ``S`` (any positive size; 64 for quick CPU runs, 256 for the paper).
+    sites: site styles.
+    images_per_site: optional override of every site's image count.
+  """
+  out = {}
+  for k, site in enumerate(sites):
+    n = images_per_site[k] if images_per_site else site.num_images
+    rng = np.random.default_rng([seed, k])
+    pairs = [render(site, rng, image_size) for _ in range(n)]
+    out[site.name] = (np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]))
+  return out
+
+
+def load(seed: int = 0, image_size: int = 64, test_fraction: float = 0.3,
+         val_fraction: float = 0.2, num_sites: int = len(SITES),
+         images_per_site: Sequence[int] = ()) -> federation.Federation:
+  """The phantom as a :class:`Federation`.
+
+  Each site: ``test_fraction`` of its images is the test split, the rest is split
+  ``1 - val_fraction`` / ``val_fraction`` into train / val (seeded shuffles), like the
+  benchmark's Train/Test folders with the 80/20 train/val cut.
+  """
+  if not 1 <= num_sites <= len(SITES):
+    raise ValueError(f'phantom.num_sites must be in [1, {len(SITES)}], got {num_sites}')
+  sites = SITES[:num_sites]
+  data = generate(seed, image_size, sites, images_per_site)
+  per_client = []
+  for k, site in enumerate(sites):
+    x, y = data[site.name]
+    trainval, test = federation.split_indices(len(x), [1 - test_fraction, test_fraction], seed + k)
+    tr, va = federation.split_indices(len(trainval), [1 - val_fraction, val_fraction], seed + 100 + k)
+    per_client.append({'train': (x[trainval[tr]], y[trainval[tr]]),
+                       'val': (x[trainval[va]], y[trainval[va]]),
+                       'test': (x[test], y[test])})
+  return federation.from_client_splits('phantom', [s.name for s in sites], per_client)
+
+
+def write_benchmark_layout(root: str, seed: int = 0, image_size: int = 64,
+                           test_fraction: float = 0.3, num_sites: int = len(SITES),
+                           images_per_site: Sequence[int] = ()) -> None:
+  """Write the phantom as ``<root>/<site>/{Train,Test}/Original/{Images,Labels}/<name>.png``.
+
+  Refuses to write into an existing site folder (nothing is overwritten).
+  """
+  from PIL import Image
+  sites = SITES[:num_sites]
+  data = generate(seed, image_size, sites, images_per_site)
+  for k, site in enumerate(sites):
+    x, y = data[site.name]
+    trainval, test = federation.split_indices(len(x), [1 - test_fraction, test_fraction], seed + k)
+    if os.path.exists(os.path.join(root, site.name)):
+      raise FileExistsError(f'{os.path.join(root, site.name)} exists; choose an empty folder')
+    for part, idx in (('Train', trainval), ('Test', test)):
+      for sub in ('Images', 'Labels'):
+        os.makedirs(os.path.join(root, site.name, part, 'Original', sub))
+      for i in idx:
+        stem = f'{site.name}_{i:03d}'
+        Image.fromarray(np.round(x[i] * 255).astype(np.uint8)).save(
+            os.path.join(root, site.name, part, 'Original', 'Images', stem + '.png'))
+        Image.fromarray((y[i, :, :, 0] * 255).astype(np.uint8)).save(
+            os.path.join(root, site.name, part, 'Original', 'Labels', stem + '.png'))
