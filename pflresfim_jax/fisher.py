@@ -18,7 +18,7 @@ PyTree = Any
 
 def diagonal(loss_fn: Callable[[PyTree, Mapping[str, Array]], Array], params: PyTree,
              batch: Mapping[str, Array], chunk_size: int = 8,
-             example_mask: Optional[Array] = None) -> PyTree:
+             example_mask: Optional[Array] = None, unroll: bool = False) -> PyTree:
   """Diagonal empirical Fisher of ``loss_fn`` at ``params``.
 
   Args:
@@ -30,6 +30,8 @@ def diagonal(loss_fn: Callable[[PyTree, Mapping[str, Array]], Array], params: Py
       divide ``N`` is padded; padded examples carry zero weight).
     example_mask: optional bool ``[N]``; only True examples count, and ``N`` in the
       mean becomes their number (0 examples gives zeros).
+    unroll: unroll the loop over chunks (faster on XLA:CPU, see
+      ``clients.engine.resolve_unroll``).
 
   Returns:
     float32 pytree shaped like ``params``.
@@ -59,6 +61,6 @@ def diagonal(loss_fn: Callable[[PyTree, Mapping[str, Array]], Array], params: Py
     return acc, None
 
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-  total, _ = jax.lax.scan(body, zeros, (chunks, weights))
+  total, _ = jax.lax.scan(body, zeros, (chunks, weights), unroll=num_chunks if unroll else 1)
   count = jnp.maximum(weight.sum(), 1.0)
   return jax.tree.map(lambda t: t / count, total)

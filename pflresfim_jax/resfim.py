@@ -53,7 +53,8 @@ def estimate(params: PyTree, batch: Mapping[str, Array], *,
              kind: str = 'abs',
              chunk_size: int = 8,
              eps: float = 1e-8,
-             value_range: Optional[Tuple[float, float]] = (0.0, 1.0)) -> PyTree:
+             value_range: Optional[Tuple[float, float]] = (0.0, 1.0),
+             unroll: bool = False) -> PyTree:
   """ResFIM of one client's model on one batch.
 
   Args:
@@ -75,6 +76,7 @@ def estimate(params: PyTree, batch: Mapping[str, Array], *,
     chunk_size: examples per vmapped gradient chunk (config ``fisher.chunk_size``).
     eps: the 'relative' residual's denominator offset.
     value_range: valid pixel range the simulated images are clipped to.
+    unroll: unroll the Fisher chunk loop (see :func:`fisher.diagonal`).
 
   Returns:
     float32 pytree shaped like ``params``.
@@ -95,9 +97,9 @@ def estimate(params: PyTree, batch: Mapping[str, Array], *,
 
   mask = batch.get('mask')
   f_orig = fisher.diagonal(loss_fn, params, {'image': images, 'label': labels},
-                           chunk_size, mask)
+                           chunk_size, mask, unroll)
   f_sim = fisher.diagonal(loss_fn, params, {'image': sim, 'label': labels},
-                          chunk_size, mask)
+                          chunk_size, mask, unroll)
   return residual(f_orig, f_sim, kind, eps)
 
 

@@ -1,0 +1,1 @@
+"""Client-side computation: local training over a stacked client axis."""
