@@ -33,7 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.phantom = ml_collections.ConfigDict()
   c.phantom.image_size = 64
-  c.phantom.rounds = 20
+  c.phantom.rounds = 12
   c.phantom.model_base = 8
   c.phantom.num_sites = 6
   c.phantom.seed = 0

@@ -37,8 +37,17 @@ SHARED_STATS = ('fedavg', 'fedprox', 'ditto')
 
 
 class Algorithm(NamedTuple):
+  """A method: ``round`` is ``local`` then ``server`` then evaluation.
+
+  init(key) -> state
+  round(state, data, bank, key, rnd) -> (state, metrics)
+  local(state, train_data, client_keys [K], lr) -> (state, train_loss [K])
+  server(state, start_params, data, bank, key, rnd) -> (state, info)
+  """
   init: Callable[[Array], Dict[str, PyTree]]
   round: Callable[..., Tuple[Dict[str, PyTree], Dict[str, Array]]]
+  local: Callable[..., Tuple[Dict[str, PyTree], Array]]
+  server: Callable[..., Tuple[Dict[str, PyTree], Dict[str, Array]]]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -291,4 +300,4 @@ def build(name: str, ctx: Context) -> Algorithm:
     metrics = evaluate(state, data)
     return state, {**metrics, **info, 'train_loss': train_loss}
 
-  return Algorithm(init, round_fn)
+  return Algorithm(init, round_fn, train, server)

@@ -1,0 +1,52 @@
+"""A tiny federation and context for engine and method tests."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pflresfim_jax import config as config_lib, methods, models, train
+from pflresfim_jax.data import phantom
+
+
+def tiny_config(**overrides):
+  c = config_lib.base_config()
+  c.rounds = 2
+  c.local_epochs = 1
+  c.batch_size = 4
+  c.model.base = 2
+  c.phantom.image_size = 16
+  c.phantom.num_sites = 3
+  c.fisher.num_examples = 4
+  c.fisher.chunk_size = 2
+  c.spectral.ratio = 0.1
+  c.eval.batch_size = 4
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split('.')
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return train.resolve(c)
+
+
+_FED = {}
+
+
+def tiny_fed(image_size=16, num_sites=3):
+  key = (image_size, num_sites)
+  if key not in _FED:
+    _FED[key] = phantom.load(seed=0, image_size=image_size, num_sites=num_sites,
+                             images_per_site=[7, 5, 9][:num_sites])
+  return _FED[key]
+
+
+def setup(method, **overrides):
+  cfg = tiny_config(**overrides)
+  fed = tiny_fed(cfg.phantom.image_size, cfg.phantom.num_sites)
+  ctx = methods.Context(train.build_model(cfg), fed.num_clients, fed.image_shape, cfg, cfg.rounds)
+  algo = methods.build(method, ctx)
+  data, bank = train.device_data(fed), train.build_bank(fed, cfg)
+  return cfg, fed, algo, data, bank
+
+
+def leaves_equal_across_clients(tree):
+  return [bool(np.allclose(x, x[:1], rtol=1e-5, atol=1e-6)) for x in jax.tree.leaves(tree)]

@@ -1,0 +1,89 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pflresfim_jax import models
+from pflresfim_jax.clients import engine
+from fed_helpers import setup
+from helpers import random_batch, tiny_unet
+
+
+def test_resolve():
+  assert engine.resolve_client_axis('auto', 'cpu') == 'vmap'
+  assert engine.resolve_client_axis('auto', 'gpu') == 'map'
+  assert engine.resolve_unroll('auto', 'cpu') and not engine.resolve_unroll('auto', 'tpu')
+  with pytest.raises(ValueError, match='client_axis'):
+    engine.resolve_client_axis('pmap')
+
+
+def test_epoch_order_is_a_permutation_of_real_examples():
+  order = np.asarray(engine.epoch_order(jax.random.PRNGKey(0), 5, 8, 12))
+  assert sorted(order[:5].tolist()) == [0, 1, 2, 3, 4] and order.shape == (12,)
+
+
+def test_augment_keeps_image_and_label_aligned():
+  x = jnp.arange(16.0).reshape(4, 4, 1) * jnp.ones((1, 1, 3))
+  y = x[..., :1]
+  for s in range(8):
+    a, b = engine.augment(jax.random.PRNGKey(s), x, y, True, True)
+    np.testing.assert_array_equal(a[..., :1], b)
+
+
+def _train(data, key, epochs=2, batch=4):
+  model, params, stats = tiny_unet()
+  tx = engine.optimizer(5e-4)
+  loss = engine.seg_loss(model)
+  step = engine.sgd_step(lambda p, s, b, m, a: loss(p, s, b, m), tx)
+  run = jax.jit(lambda c, d, k: engine.local_train(step, c, None, d, k, 1e-2, epochs, batch,
+                                                   flip=False, rot90=False))
+  return run((params, stats, tx.init(params)), data, key), (params, stats)
+
+
+def test_padding_never_changes_the_model():
+  b = random_batch(8)
+  real = {'image': b['image'][:4], 'label': b['label'][:4], 'count': jnp.int32(4)}
+  # Same 4 examples padded to 8 with garbage: one step of 4 in both cases.
+  padded = {'image': b['image'].at[4:].set(9.0), 'label': b['label'], 'count': jnp.int32(4)}
+  ((p1, s1, _), l1), _ = _train(real, jax.random.PRNGKey(0), epochs=1)
+  ((p2, s2, _), l2), _ = _train(padded, jax.random.PRNGKey(0), epochs=1)
+  jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-6), p1, p2)
+  jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-6), s1, s2)
+  np.testing.assert_allclose(l1, l2, rtol=1e-5)
+
+
+def test_client_without_data_is_unchanged():
+  b = random_batch(4)
+  ((p, s, _), loss), (p0, s0) = _train({**b, 'count': jnp.int32(0)}, jax.random.PRNGKey(0))
+  jax.tree.map(np.testing.assert_array_equal, p, p0)
+  jax.tree.map(np.testing.assert_array_equal, s, s0)
+  assert float(loss) == 0.0
+
+
+def test_vmap_and_map_agree_and_round_compiles_once():
+  # Adam turns float noise in near-zero gradients into +-lr steps, so the strategies are
+  # compared at a tiny lr; BN statistics, losses, masks and metrics carry each client's data.
+  results = {}
+  for axis in ('vmap', 'map'):
+    cfg, fed, algo, data, bank = setup('pfl_resfim', lr=1e-6, **{'engine.client_axis': axis})
+    traces = []
+
+    def counted(*args):
+      traces.append(1)
+      return algo.round(*args)
+    round_fn = jax.jit(counted)
+    state = jax.jit(algo.init)(jax.random.PRNGKey(0))
+    for rnd in range(3):
+      state, metrics = round_fn(state, data, bank, jax.random.PRNGKey(rnd), jnp.int32(rnd))
+    assert len(traces) == 1, 'the round function must not recompile after round 1'
+    results[axis] = (state, metrics)
+  (s_v, m_v), (s_m, m_m) = results['vmap'], results['map']
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+               s_v['params'], s_m['params'])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
+               s_v['batch_stats'], s_m['batch_stats'])
+  np.testing.assert_allclose(m_v['train_loss'], m_m['train_loss'], rtol=1e-4)
+  np.testing.assert_allclose(m_v['val']['dice'], m_m['val']['dice'], atol=1e-4)
+  agree = np.mean([np.mean(np.asarray(a) == np.asarray(b)) for a, b in
+                   zip(jax.tree.leaves(s_v['local_mask']), jax.tree.leaves(s_m['local_mask']))])
+  assert agree > 0.99

@@ -1,0 +1,164 @@
+"""Each method's defining behaviour, on a tiny UNet and a 3-site phantom at 16x16."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pflresfim_jax import aggregate, masks, methods, models
+from fed_helpers import leaves_equal_across_clients, setup
+
+
+@functools.lru_cache(maxsize=None)
+def one_round(method, **overrides):
+  cfg, fed, algo, data, bank = setup(method, **dict(overrides))
+  state0 = jax.jit(algo.init)(jax.random.PRNGKey(0))
+  lr = jnp.float32(cfg.lr)
+  keys = jax.random.split(jax.random.PRNGKey(1), fed.num_clients)
+  trained, _ = jax.jit(algo.local)(state0, data['train'], keys, lr)
+  after, info = jax.jit(algo.server)(trained, state0['params'], data, bank, jax.random.PRNGKey(2),
+                                     jnp.int32(0))
+  return state0, trained, after, info, data
+
+
+def by_kind(tree, predicate):
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return [x for p, x in flat if predicate(p)], [x for p, x in flat if not predicate(p)]
+
+
+def all_equal_across_clients(leaves):
+  return all(leaves_equal_across_clients(leaves))
+
+
+def none_equal_across_clients(leaves):
+  return not any(leaves_equal_across_clients(leaves))
+
+
+def test_unknown_method():
+  with pytest.raises(ValueError, match='config.method'):
+    setup('fedfoo')
+
+
+def test_local_keeps_everything():
+  _, trained, after, info, _ = one_round('local')
+  jax.tree.map(np.testing.assert_array_equal, trained['params'], after['params'])
+  assert none_equal_across_clients(after['params'])
+  np.testing.assert_allclose(info['local_fraction'], 1.0)
+
+
+@pytest.mark.parametrize('method', ['fedavg', 'fedprox'])
+def test_fedavg_family_shares_everything(method):
+  _, trained, after, _, data = one_round(method)
+  assert all_equal_across_clients(after['params']) and all_equal_across_clients(after['batch_stats'])
+  w = np.asarray(data['train']['count'], np.float64)
+  x = np.asarray(trained['params']['head']['kernel'], np.float64)
+  np.testing.assert_allclose(after['params']['head']['kernel'][0],
+                             np.tensordot(w, x, 1) / w.sum(), rtol=1e-5, atol=1e-7)
+
+
+def test_fedprox_pull():
+  s0, weak, _, _, _ = one_round('fedprox')
+  _, strong, _, _, _ = one_round('fedprox', **{'fedprox.mu': 1e4})
+  dist = lambda t: sum(float(jnp.sum((a - b) ** 2)) for a, b in
+                       zip(jax.tree.leaves(t['params']), jax.tree.leaves(s0['params'])))
+  assert dist(strong) < dist(weak)
+
+
+def test_fedbn_keeps_bn_local():
+  _, trained, after, _, _ = one_round('fedbn')
+  bn, rest = by_kind(after['params'], models.is_bn)
+  assert none_equal_across_clients(bn) and all_equal_across_clients(rest)
+  bn_trained, _ = by_kind(trained['params'], models.is_bn)
+  for a, b in zip(bn, bn_trained):
+    np.testing.assert_array_equal(a, b)
+  assert none_equal_across_clients(after['batch_stats'])
+
+
+def test_siobn_shares_parameters_keeps_statistics():
+  _, _, after, _, _ = one_round('siobn')
+  assert all_equal_across_clients(after['params'])
+  assert none_equal_across_clients(after['batch_stats'])
+
+
+@pytest.mark.parametrize('method,local', [('fedper', models.is_head), ('lg_fedavg', models.is_body)])
+def test_head_and_body_splits(method, local):
+  _, _, after, _, _ = one_round(method)
+  kept, shared = by_kind(after['params'], local)
+  assert none_equal_across_clients(kept) and all_equal_across_clients(shared)
+
+
+def test_fedrep_phases_freeze_the_right_part():
+  # Head epochs only: the body must not move (it is then averaged, still equal to init).
+  s0, trained, after, _, _ = one_round('fedrep', local_epochs=0)
+  body0, _ = by_kind(s0['params'], models.is_body)
+  body1, _ = by_kind(trained['params'], models.is_body)
+  for a, b in zip(body0, body1):
+    np.testing.assert_array_equal(a, b)
+  head1, _ = by_kind(trained['params'], models.is_head)
+  head0, _ = by_kind(s0['params'], models.is_head)
+  assert all(not np.allclose(a, b) for a, b in zip(head0, head1))
+  # Body epochs only: the head stays at its initial value.
+  s0, trained, _, _, _ = one_round('fedrep', **{'fedrep.head_epochs': 0})
+  for a, b in zip(by_kind(s0['params'], models.is_head)[0], by_kind(trained['params'], models.is_head)[0]):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_ditto_personal_model_feels_the_pull():
+  s0, loose, after, _, _ = one_round('ditto', **{'ditto.mu': 0.0})
+  _, tight, _, _, _ = one_round('ditto', **{'ditto.mu': 1e4})
+  assert all_equal_across_clients(after['params'])          # the global copy is FedAvg
+  # Adam's first steps are +-lr whatever the gradient, so at Ditto's lr some tiny
+  # leaves (BN biases) still agree across clients: require most leaves to differ.
+  same = leaves_equal_across_clients(after['personal']['params'])
+  assert sum(same) < len(same) / 2
+  dist = lambda t: sum(float(jnp.sum((a - b) ** 2)) for a, b in
+                       zip(jax.tree.leaves(t['personal']['params']), jax.tree.leaves(s0['params'])))
+  assert dist(tight) < dist(loose)
+
+
+def test_fedrod_personal_head_stays_local():
+  _, _, after, _, _ = one_round('fedrod')
+  assert all_equal_across_clients(after['params'])
+  assert none_equal_across_clients(after['personal']['params'])
+  assert none_equal_across_clients(after['batch_stats'])
+
+
+def test_fedcac_critical_entries():
+  s0, trained, after, info, data = one_round('fedcac')
+  for m in jax.tree.leaves(after['local_mask']):
+    size = m[0].size
+    assert all(int(m[k].sum()) == masks.top_k_count(size, 0.5) for k in range(m.shape[0]))
+  # Non-critical entries get the weighted mean over all clients.
+  w = np.asarray(data['train']['count'], np.float64)
+  x = np.asarray(trained['params']['head']['kernel'], np.float64)
+  mean = np.tensordot(w, x, 1) / w.sum()
+  crit = np.asarray(after['local_mask']['head']['kernel'])
+  got = np.asarray(after['params']['head']['kernel'])
+  np.testing.assert_allclose(got[~crit], np.broadcast_to(mean, got.shape)[~crit], rtol=1e-5, atol=1e-7)
+  assert np.all(np.asarray(info['collaborators']) >= 1)
+
+
+def test_pfl_resfim_keeps_top_ratio_local_and_averages_the_rest():
+  _, trained, after, info, data = one_round('pfl_resfim')
+  mask = after['local_mask']
+  for m in jax.tree.leaves(mask):
+    for k in range(m.shape[0]):
+      assert int(m[k].sum()) == masks.top_k_count(m[k].size, 0.2)
+  # Against the plain rule of METHOD.md 4 written with numpy.
+  w = np.asarray(data['train']['count'], np.float64)
+  for theta, m, got in zip(jax.tree.leaves(trained['params']), jax.tree.leaves(mask),
+                           jax.tree.leaves(after['params'])):
+    theta, m, got = np.asarray(theta, np.float64), np.asarray(m), np.asarray(got)
+    share = w.reshape(-1, *[1] * (theta.ndim - 1)) * ~m
+    den = share.sum(0)
+    g = np.where(den > 0, (share * theta).sum(0) / np.where(den > 0, den, 1), 0)
+    want = np.where(m | (den == 0), theta, g)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert none_equal_across_clients(after['batch_stats'])
+  np.testing.assert_allclose(info['local_fraction'], 0.2, atol=0.05)
+
+
+def test_pfl_resfim_warmup_is_fedavg():
+  _, _, after, _, _ = one_round('pfl_resfim', **{'resfim.warmup_rounds': 5})
+  assert all_equal_across_clients(after['params'])
