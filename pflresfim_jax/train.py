@@ -123,8 +123,16 @@ class Progress:
       print(line, file=self.stream, flush=True)
 
 
+def compile_method(config, fed: federation.Federation, method: str):
+  """``(init, round)`` of ``method`` jitted: built once, reused for every seed."""
+  ctx = methods.Context(build_model(config), fed.num_clients, fed.image_shape, config,
+                        config.rounds)
+  algo = methods.build(method, ctx)
+  return jax.jit(algo.init), jax.jit(algo.round, donate_argnums=(0,))
+
+
 def run_one(config, fed: federation.Federation, method: str, seed: int, workdir: str,
-            data=None, bank=None) -> Dict[str, np.ndarray]:
+            data=None, bank=None, compiled=None) -> Dict[str, np.ndarray]:
   """Train one method with one seed; returns per-client recorded test metrics.
 
   Test metrics are recorded for a client whenever its val Dice improves in the
@@ -137,13 +145,9 @@ def run_one(config, fed: federation.Federation, method: str, seed: int, workdir:
   os.makedirs(workdir, exist_ok=True)
   data = device_data(fed) if data is None else data
   bank = build_bank(fed, config) if bank is None else bank
-  ctx = methods.Context(build_model(config), fed.num_clients, fed.image_shape, config,
-                        config.rounds)
-  algo = methods.build(method, ctx)
-  key = jax.random.PRNGKey(seed)
-  k_init, k_run = jax.random.split(key)
-  state = jax.jit(algo.init)(k_init)
-  round_fn = jax.jit(algo.round, donate_argnums=(0,))
+  init_fn, round_fn = compiled or compile_method(config, fed, method)
+  k_init, k_run = jax.random.split(jax.random.PRNGKey(seed))
+  state = init_fn(k_init)
   k = fed.num_clients
   best_val = np.full(k, -np.inf)
   recorded: Dict[str, np.ndarray] = {}
@@ -224,9 +228,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   results = {}
   for method in parse_methods(config.method):
     per_seed = []
+    compiled = compile_method(config, fed, method)
     for seed in parse_seeds(config.seeds):
       res = run_one(config, fed, method, seed, os.path.join(workdir, method, f'seed{seed}'),
-                    data, bank)
+                    data, bank, compiled)
       per_seed.append(res)
     rows[method] = [r['test_dice'] for r in per_seed]
     results[method] = {'per_seed': per_seed}

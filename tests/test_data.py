@@ -1,0 +1,77 @@
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pflresfim_jax.data import federation, phantom
+
+
+def test_phantom_is_deterministic_and_sized():
+  a = phantom.generate(seed=3, image_size=32, images_per_site=[2] * 6)
+  b = phantom.generate(seed=3, image_size=32, images_per_site=[2] * 6)
+  c = phantom.generate(seed=4, image_size=32, images_per_site=[2] * 6)
+  for name in a:
+    np.testing.assert_array_equal(a[name][0], b[name][0])
+    assert a[name][0].shape == (2, 32, 32, 3) and a[name][1].shape == (2, 32, 32, 1)
+    assert 0.0 <= a[name][0].min() and a[name][0].max() <= 1.0
+    assert set(np.unique(a[name][1])) <= {0.0, 1.0}
+  assert not np.array_equal(a['PhantomA'][0], c['PhantomA'][0])
+  counts = [s.num_images for s in phantom.SITES]
+  assert min(counts) == 12 and max(counts) == 40
+
+
+def test_sites_differ_in_low_frequency_style_and_label_convention():
+  data = phantom.generate(seed=0, image_size=64, images_per_site=[4] * 6)
+  means = np.stack([x.mean(axis=(0, 1, 2)) for x, _ in data.values()])   # colour per site
+  gaps = np.abs(means[:, None] - means[None]).sum(-1)[~np.eye(6, dtype=bool)]
+  assert gaps.min() > 0.05
+  # Same anatomy generator, different annotators: B ignores thin vessels, C dilates.
+  fg = {k: y.mean() for k, (_, y) in data.items()}
+  assert fg['PhantomC'] > fg['PhantomA'] > fg['PhantomB']
+
+
+def test_split_indices():
+  parts = federation.split_indices(10, [0.7, 0.3], seed=0)
+  assert [len(p) for p in parts] == [7, 3]
+  assert sorted(np.concatenate(parts).tolist()) == list(range(10))
+  again = federation.split_indices(10, [0.7, 0.3], seed=0)
+  assert all(np.array_equal(p, q) for p, q in zip(parts, again))
+
+
+def test_load_splits_are_disjoint_and_padded():
+  fed = phantom.load(seed=0, image_size=16, num_sites=2, images_per_site=[10, 6])
+  assert fed.clients == ('PhantomA', 'PhantomB')
+  for k, n in enumerate([10, 6]):
+    assert sum(int(getattr(fed, s).counts[k]) for s in federation.SPLITS) == n
+  assert fed.train.images.shape[1] == int(fed.train.counts.max())
+  assert 'PhantomB: train' in fed.summary()
+  with pytest.raises(ValueError, match='num_sites'):
+    phantom.load(num_sites=9)
+
+
+def test_empty_split_is_an_error_naming_the_client():
+  x = np.zeros((3, 4, 4, 3), np.float32)
+  y = np.zeros((3, 4, 4, 1), np.float32)
+  with pytest.raises(ValueError, match="'B'.*val"):
+    federation.from_client_splits('t', ['A', 'B'], [
+        {'train': (x, y), 'val': (x, y), 'test': (x, y)},
+        {'train': (x, y), 'val': (x[:0], y[:0]), 'test': (x, y)}])
+
+
+def test_write_benchmark_layout(tmp_path):
+  phantom.write_benchmark_layout(str(tmp_path), seed=0, image_size=32, num_sites=2,
+                                 images_per_site=[4, 3])
+  img_dir = tmp_path / 'PhantomA' / 'Train' / 'Original' / 'Images'
+  lab_dir = tmp_path / 'PhantomA' / 'Train' / 'Original' / 'Labels'
+  names = sorted(os.listdir(img_dir))
+  assert names and names == sorted(os.listdir(lab_dir))
+  assert len(os.listdir(tmp_path / 'PhantomB' / 'Test' / 'Original' / 'Images')) >= 1
+  data = phantom.generate(seed=0, image_size=32, sites=phantom.SITES[:2], images_per_site=[4, 3])
+  i = int(names[0].split('_')[1].split('.')[0])
+  img = np.asarray(Image.open(img_dir / names[0])) / 255.0
+  np.testing.assert_allclose(img, data['PhantomA'][0][i], atol=1 / 255)
+  lab = np.asarray(Image.open(lab_dir / names[0])) > 127
+  np.testing.assert_array_equal(lab, data['PhantomA'][1][i, :, :, 0] > 0.5)
+  with pytest.raises(FileExistsError):
+    phantom.write_benchmark_layout(str(tmp_path), image_size=32, num_sites=1, images_per_site=[2])
