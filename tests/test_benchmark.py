@@ -1,0 +1,18 @@
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_benchmark_quick_smoke(tmp_path):
+  """The benchmark runs in quick mode and writes its table (no timing is asserted)."""
+  out = tmp_path / 'bench'
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'benchmark.py'), '--quick',
+                         f'--out={out}'], capture_output=True, text=True, timeout=900,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads((tmp_path / 'bench.json').read_text())['rows']
+  assert len(rows) == 7 and all(r['value'] > 0 for r in rows)
+  assert '| train step, client_axis=map, bf16 |' in (tmp_path / 'bench.md').read_text()
