@@ -74,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.engine = ml_collections.ConfigDict()
   c.engine.client_axis = 'auto'  # 'vmap' | 'map' | 'auto' (map on GPU/TPU, vmap on CPU)
-  c.engine.unroll = 'auto'       # unroll training/Fisher loops: 'auto' = on CPU only
+  c.engine.unroll = 'auto'       # unroll training/Fisher loops: 'auto' (CPU only), 'true', 'false'
   c.engine.precision = 'fp32'
 
   c.eval = ml_collections.ConfigDict()

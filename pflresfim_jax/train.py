@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from pflresfim_jax import methods, models, spectral
+from pflresfim_jax.clients import engine
 from pflresfim_jax.config import METHODS
 from pflresfim_jax.data import federation
 from pflresfim_jax.data import phantom
@@ -74,7 +75,7 @@ def load_federation(config) -> federation.Federation:
   if config.data.root is None and not config.data.clients:
     return phantom.load(seed=config.phantom.seed, image_size=config.phantom.image_size,
                         num_sites=config.phantom.num_sites)
-  from pflresfim_jax.data import loaders  # noqa: F401  (real federations)
+  from pflresfim_jax.data import loaders  # PIL / nibabel only when real data is read
   return loaders.load(config)
 
 
@@ -222,7 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   fed = load_federation(config)
   log.warning('%s', fed.summary())
   log.warning('JAX backend %s, client axis %s', jax.default_backend(),
-              methods.engine.resolve_client_axis(config.engine.client_axis))
+              engine.resolve_client_axis(config.engine.client_axis))
   data, bank = device_data(fed), build_bank(fed, config)
   rows: Dict[str, List[np.ndarray]] = {}
   results = {}

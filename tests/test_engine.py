@@ -13,6 +13,9 @@ def test_resolve():
   assert engine.resolve_client_axis('auto', 'cpu') == 'vmap'
   assert engine.resolve_client_axis('auto', 'gpu') == 'map'
   assert engine.resolve_unroll('auto', 'cpu') and not engine.resolve_unroll('auto', 'tpu')
+  assert engine.resolve_unroll('false', 'cpu') is False and engine.resolve_unroll(True) is True
+  with pytest.raises(ValueError, match='engine.unroll'):
+    engine.resolve_unroll('sometimes')
   with pytest.raises(ValueError, match='client_axis'):
     engine.resolve_client_axis('pmap')
 

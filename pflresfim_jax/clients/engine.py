@@ -41,6 +41,8 @@ def resolve_unroll(value, backend: Optional[str] = None) -> bool:
     return (backend or jax.default_backend()) == 'cpu'
   if isinstance(value, bool):
     return value
+  if str(value).lower() in ('true', 'false'):  # from --config.engine.unroll=false
+    return str(value).lower() == 'true'
   raise ValueError(f"engine.unroll must be 'auto', True or False, got {value!r}")
 
 
