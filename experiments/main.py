@@ -14,16 +14,14 @@ from ml_collections import config_flags  # noqa: E402
 from pflresfim_jax import train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (default: runs/<config>-<method>).')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (default: runs/<data>-<method>).')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
-  workdir = _WORKDIR.value or os.path.join(
-      'runs', f'{os.path.splitext(os.path.basename(flags.FLAGS["config"].value_string or "run"))[0]}'
-      f'-{str(config.method).replace(",", "+")}')
+  workdir = _WORKDIR.value or train.default_workdir(config)
   logging.get_absl_handler().python_handler.stream = sys.stderr
   try:
     train.train_and_evaluate(config, workdir)

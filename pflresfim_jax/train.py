@@ -51,6 +51,12 @@ def parse_seeds(value) -> List[int]:
   return seeds
 
 
+def default_workdir(config) -> str:
+  """``runs/<data name>-<method>`` (phantom runs: ``runs/phantom-<method>``)."""
+  data = 'phantom' if config.data.root is None and not config.data.clients else config.data.name
+  return os.path.join('runs', f'{data}-{str(config.method).replace(",", "+")}')
+
+
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Fill the fields whose default depends on phantom vs real data (see config.py)."""
   config = ml_collections.ConfigDict(config.to_dict())  # a copy; placeholders become values

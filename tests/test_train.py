@@ -36,6 +36,13 @@ def test_resolve_picks_phantom_or_paper_defaults():
     train.resolve(c)
 
 
+def test_default_workdir():
+  c = config_lib.base_config()
+  assert train.default_workdir(c) == os.path.join('runs', 'phantom-pfl_resfim')
+  c.method, c.data.root = 'fedavg,local', '/data'
+  assert train.default_workdir(c) == os.path.join('runs', 'vessel-fedavg+local')
+
+
 def test_results_table_layout():
   t = train.results_table(['A', 'B'], {'fedavg': [np.array([70.0, 80.0]), np.array([72.0, 78.0])],
                                        'local': [np.array([60.0, 65.0]), np.array([60.0, 65.0])]})
