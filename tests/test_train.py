@@ -66,14 +66,15 @@ def test_configs_load():
 
 def test_main_end_to_end(tmp_path):
   """The shipped entry point on a tiny phantom: two methods, two seeds."""
-  workdir = tmp_path / 'run'
+  # No --workdir: the default runs/<data>-<method> under the current folder.
+  workdir = tmp_path / 'runs' / 'phantom-local+fedavg'
   cmd = [sys.executable, os.path.join(ROOT, 'experiments', 'main.py'),
-         f'--config={os.path.join(ROOT, "configs", "vessel.py")}', f'--workdir={workdir}',
+         f'--config={os.path.join(ROOT, "configs", "vessel.py")}',
          '--config.method=local,fedavg', '--config.seeds=0,1', '--config.rounds=2',
          '--config.local_epochs=1', '--config.model.base=2', '--config.phantom.image_size=16',
          '--config.phantom.num_sites=2', '--config.eval.batch_size=4']
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'built-in phantom' in proc.stderr
   assert '| method | PhantomA | PhantomB | mean |' in proc.stdout
