@@ -212,7 +212,7 @@ def _client_folders(config) -> List[Tuple[str, str]]:
   return subs
 
 
-def _split_trainval(name, train, test, val_fraction, test_fraction, seed):
+def _split_trainval(train, test, val_fraction, test_fraction, seed):
   """Seeded train/val (and test, where the layout has none) cut of pairs."""
   if not test:
     train_idx, test_idx = federation.split_indices(len(train), [1 - test_fraction, test_fraction], seed)
@@ -221,13 +221,23 @@ def _split_trainval(name, train, test, val_fraction, test_fraction, seed):
   return {'train': [train[i] for i in tr], 'val': [train[i] for i in va], 'test': test}
 
 
+def _split_70_10_20(items: Sequence, seed: int) -> Dict[str, list]:
+  """Seeded train/val/test cut 70/10/20 (gland images; prostate patients, never split)."""
+  parts = federation.split_indices(len(items), [0.7, 0.1, 0.2], seed)
+  return {s: [items[i] for i in p] for s, p in zip(federation.SPLITS, parts)}
+
+
+def _empty(hw) -> Tuple[np.ndarray, np.ndarray]:
+  return np.zeros((0, *hw, 3), np.float32), np.zeros((0, *hw, 1), np.float32)
+
+
 def vessel(config) -> Tuple[List[str], List[Dict[str, List[Pair]]]]:
   names, splits = [], []
   for k, (name, folder) in enumerate(_client_folders(config)):
     train, test, layout = vessel_layout(folder)
     log.info('vessel client %s: %s layout, %d train+val, %d test', name, layout, len(train), len(test))
     names.append(name)
-    splits.append(_split_trainval(name, train, test, 0.2, 0.3, config.data.split_seed + k))
+    splits.append(_split_trainval(train, test, 0.2, 0.3, config.data.split_seed + k))
   return names, splits
 
 
@@ -252,10 +262,8 @@ def _gland_pairs(folder: str) -> List[Pair]:
 def gland(config):
   names, splits = [], []
   for k, (name, folder) in enumerate(_client_folders(config)):
-    pairs = _gland_pairs(folder)
-    parts = federation.split_indices(len(pairs), [0.7, 0.1, 0.2], config.data.split_seed + k)
     names.append(name)
-    splits.append({s: [pairs[i] for i in p] for s, p in zip(federation.SPLITS, parts)})
+    splits.append(_split_70_10_20(_gland_pairs(folder), config.data.split_seed + k))
   return names, splits
 
 
@@ -345,10 +353,8 @@ def load(config) -> federation.Federation:
   elif name == 'prostate':
     clients, splits = [], []
     for k, (site, folder) in enumerate(_client_folders(config)):
-      cases = prostate_cases(folder)
-      parts = federation.split_indices(len(cases), [0.7, 0.1, 0.2], config.data.split_seed + k)
       clients.append(PROSTATE_ALIASES.get(site.lower(), site))
-      splits.append({s: [cases[i] for i in p] for s, p in zip(federation.SPLITS, parts)})
+      splits.append(_split_70_10_20(prostate_cases(folder), config.data.split_seed + k))
   else:
     raise DataError(f"data.name must be 'vessel', 'prostate' or 'gland', got {name!r}")
   files = [f for sp in splits for pairs in sp.values() for pair in pairs for f in pair]
@@ -366,12 +372,11 @@ def load(config) -> federation.Federation:
         item = {}
         for s, cases in sp.items():
           parts = [prostate_slices(v, g, hw, adjacent) for v, g in cases]
-          item[s] = (np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, *hw, 3), np.float32),
-                     np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, *hw, 1), np.float32))
+          item[s] = (np.concatenate([p[0] for p in parts]),
+                     np.concatenate([p[1] for p in parts])) if parts else _empty(hw)
         per_client.append(item)
       else:
-        per_client.append({s: load_pairs(pairs, hw) if pairs else
-                           (np.zeros((0, *hw, 3), np.float32), np.zeros((0, *hw, 1), np.float32))
+        per_client.append({s: load_pairs(pairs, hw) if pairs else _empty(hw)
                            for s, pairs in sp.items()})
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     tmp = cache + '.tmp.npz'

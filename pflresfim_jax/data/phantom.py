@@ -153,6 +153,11 @@ def generate(seed: int = 0, image_size: int = 64, sites: Sequence[SiteStyle] = S
   return out
 
 
+def _test_split(n: int, test_fraction: float, seed: int):
+  """(train+val indices, test indices) of one site: shared by load and the disk layout."""
+  return federation.split_indices(n, [1 - test_fraction, test_fraction], seed)
+
+
 def load(seed: int = 0, image_size: int = 64, test_fraction: float = 0.3,
          val_fraction: float = 0.2, num_sites: int = len(SITES),
          images_per_site: Sequence[int] = ()) -> federation.Federation:
@@ -169,7 +174,7 @@ def load(seed: int = 0, image_size: int = 64, test_fraction: float = 0.3,
   per_client = []
   for k, site in enumerate(sites):
     x, y = data[site.name]
-    trainval, test = federation.split_indices(len(x), [1 - test_fraction, test_fraction], seed + k)
+    trainval, test = _test_split(len(x), test_fraction, seed + k)
     tr, va = federation.split_indices(len(trainval), [1 - val_fraction, val_fraction], seed + 100 + k)
     per_client.append({'train': (x[trainval[tr]], y[trainval[tr]]),
                        'val': (x[trainval[va]], y[trainval[va]]),
@@ -189,7 +194,7 @@ def write_benchmark_layout(root: str, seed: int = 0, image_size: int = 64,
   data = generate(seed, image_size, sites, images_per_site)
   for k, site in enumerate(sites):
     x, y = data[site.name]
-    trainval, test = federation.split_indices(len(x), [1 - test_fraction, test_fraction], seed + k)
+    trainval, test = _test_split(len(x), test_fraction, seed + k)
     if os.path.exists(os.path.join(root, site.name)):
       raise FileExistsError(f'{os.path.join(root, site.name)} exists; choose an empty folder')
     for part, idx in (('Train', trainval), ('Test', test)):
