@@ -8,10 +8,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from pflresfim_jax import train  # noqa: E402
+from pflresfim_jax import cli, train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (default: runs/<data>-<method>).')
@@ -22,11 +22,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
   workdir = _WORKDIR.value or train.default_workdir(config)
-  logging.get_absl_handler().python_handler.stream = sys.stderr
-  try:
-    train.train_and_evaluate(config, workdir)
-  except (ValueError, FileNotFoundError, NotImplementedError) as e:
-    sys.exit(f'error: {e}')
+  cli.run(train.train_and_evaluate, config, workdir)
 
 
 if __name__ == '__main__':

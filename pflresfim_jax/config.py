@@ -77,6 +77,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.engine.unroll = 'auto'       # unroll training/Fisher loops: 'auto' (CPU only), 'true', 'false'
   c.engine.precision = 'fp32'
 
+  c.resume = True                # re-running into a workdir resumes it; False: a fresh run in <workdir>/run-<n>
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 10        # rounds between checkpoints (the last round always gets one)
+  c.checkpoint.keep = 3          # checkpoints kept per method and seed
+
+  c.report = ml_collections.ConfigDict()
+  c.report.enabled = True        # report.md / report.html in the workdir at the end
+  c.report.examples = 1          # test images per client in the prediction grid
+  c.tensorboard = 'auto'         # event files when tensorboardX / tensorboard is importable; 'true' / 'false'
+
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 16
   c.eval.threshold = 0.5

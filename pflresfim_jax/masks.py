@@ -107,6 +107,24 @@ def fraction_true(mask: PyTree) -> Array:
   return sum(m.sum() for m in leaves) / sum(m.size for m in leaves)
 
 
+def module_fractions(mask: PyTree) -> dict:
+  """Fraction of True entries per module (a layer's kernel, bias, scale together).
+
+  Args:
+    mask: bool pytree without a client axis (vmap it for stacked masks).
+
+  Returns:
+    ``{'enc0/conv1': fraction, ...}``: module path (the leaf path without its last
+    key, joined by '/') -> scalar float32, in the order modules first appear.
+  """
+  counts = {}
+  for path, m in jax.tree_util.tree_flatten_with_path(mask)[0]:
+    name = '/'.join(models.path_keys(path)[:-1]) or '/'.join(models.path_keys(path))
+    true, size = counts.get(name, (0, 0))
+    counts[name] = (true + jnp.sum(m), size + m.size)
+  return {n: (t / s).astype(jnp.float32) for n, (t, s) in counts.items()}
+
+
 def stack(mask: PyTree, num_clients: int) -> PyTree:
   """Broadcast an unstacked mask to ``[K, ...]``."""
   return jax.tree.map(lambda m: jnp.broadcast_to(m, (num_clients, *m.shape)), mask)

@@ -34,6 +34,9 @@ PyTree = Any
 
 # Methods whose BatchNorm running statistics are averaged on the server.
 SHARED_STATS = ('fedavg', 'fedprox', 'ditto')
+# Methods whose local mask changes from round to round: their metrics carry the
+# fraction kept local per module ('layer_fraction': {module: [K]}).
+DYNAMIC_MASKS = ('pfl_resfim', 'fedcac')
 
 
 class Algorithm(NamedTuple):
@@ -43,11 +46,14 @@ class Algorithm(NamedTuple):
   round(state, data, bank, key, rnd) -> (state, metrics)
   local(state, train_data, client_keys [K], lr) -> (state, train_loss [K])
   server(state, start_params, data, bank, key, rnd) -> (state, info)
+  predict(state, images [K, N, H, W, C]) -> logits [K, N, H, W, 1] of the model each
+    client uses (Ditto: its personal model; FedRoD: generic + personal head)
   """
   init: Callable[[Array], Dict[str, PyTree]]
   round: Callable[..., Tuple[Dict[str, PyTree], Dict[str, Array]]]
   local: Callable[..., Tuple[Dict[str, PyTree], Array]]
   server: Callable[..., Tuple[Dict[str, PyTree], Dict[str, Array]]]
+  predict: Callable[[Dict[str, PyTree], Array], Array]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -268,6 +274,8 @@ def build(name: str, ctx: Context) -> Algorithm:
     if name in SHARED_STATS:
       state = {**state, 'batch_stats': aggregate.fedavg(state['batch_stats'], weights)}
     info['local_fraction'] = jax.vmap(masks.fraction_true)(state['local_mask'])
+    if name in DYNAMIC_MASKS:
+      info['layer_fraction'] = jax.vmap(masks.module_fractions)(state['local_mask'])
     return state, info
 
   # ---------------------------------------------------------------- evaluation
@@ -300,4 +308,10 @@ def build(name: str, ctx: Context) -> Algorithm:
     metrics = evaluate(state, data)
     return state, {**metrics, **info, 'train_loss': train_loss}
 
-  return Algorithm(init, round_fn, train, server)
+  def predict(state, images):
+    def one(params, stats, personal, x):
+      return predictor(params, stats, personal)(x)
+    return engine.map_clients(one, strategy, state['params'], state['batch_stats'],
+                              state['personal'], images)
+
+  return Algorithm(init, round_fn, train, server, predict)

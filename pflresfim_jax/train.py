@@ -8,19 +8,22 @@ and written as Markdown and CSV.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from pflresfim_jax import methods, models, spectral
+from pflresfim_jax import checkpoint, methods, models, spectral
 from pflresfim_jax.clients import engine
 from pflresfim_jax.config import METHODS
 from pflresfim_jax.data import federation
@@ -130,124 +133,310 @@ class Progress:
       print(line, file=self.stream, flush=True)
 
 
+class Interrupted(Exception):
+  """Ctrl-C / SIGTERM arrived: the current round finished and was checkpointed."""
+
+
+class Diverged(FloatingPointError):
+  """A loss or a parameter became NaN/Inf; the last good checkpoint is kept."""
+
+
+class StopFlag:
+  """Turns SIGINT / SIGTERM into a request to stop after the current round.
+
+  A second Ctrl-C while waiting interrupts at once (Python's default behaviour).
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._old = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.requested:
+      raise KeyboardInterrupt
+    self.requested = True
+    log.warning('%s received: stopping after this round and writing a checkpoint '
+                '(press Ctrl-C again to abort at once)', signal.Signals(signum).name)
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+    return False
+
+
 def compile_method(config, fed: federation.Federation, method: str):
-  """``(init, round)`` of ``method`` jitted: built once, reused for every seed."""
+  """``(init, round)`` of ``method`` jitted: built once, reused for every seed.
+
+  The round's metrics gain 'finite' [K]: whether every float in a client's state
+  (parameters, personal model) and its training loss are finite.
+  """
   ctx = methods.Context(build_model(config), fed.num_clients, fed.image_shape, config,
                         config.rounds)
   algo = methods.build(method, ctx)
-  return jax.jit(algo.init), jax.jit(algo.round, donate_argnums=(0,))
+
+  def checked_round(state, data, bank, key, rnd):
+    state, metrics = algo.round(state, data, bank, key, rnd)
+    def finite(tree):
+      leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+      return jax.vmap(lambda *xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(*leaves)
+    ok = finite({'p': state['params'], 'v': state['personal']}) & jnp.isfinite(metrics['train_loss'])
+    return state, {**metrics, 'finite': ok}
+  return jax.jit(algo.init), jax.jit(checked_round, donate_argnums=(0,))
+
+
+def _event_writer(config, run_dir: str):
+  """A TensorBoard writer (tensorboardX or torch's) or None: config.tensorboard."""
+  mode = str(config.tensorboard).lower()
+  if mode == 'false':
+    return None
+  for module in ('tensorboardX', 'torch.utils.tensorboard'):
+    try:
+      return importlib.import_module(module).SummaryWriter(os.path.join(run_dir, 'tensorboard'))
+    except ImportError:
+      continue
+  if mode == 'true':
+    raise ValueError('config.tensorboard=true needs tensorboardX (pip install tensorboardX)')
+  return None
+
+
+def _write_atomic(path: str, text: str) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _keep_lines(path: str, n: int) -> None:
+  """Cut ``path`` to its first ``n`` lines (rounds after a checkpoint are redone)."""
+  lines = open(path).read().splitlines(keepends=True)[:n] if os.path.exists(path) else []
+  _write_atomic(path, ''.join(lines))
+
+
+def _round_record(method, seed, rnd, m) -> Dict:
+  record = {'round': rnd, 'method': method, 'seed': seed,
+            'train_loss': m['train_loss'].tolist(),
+            'val': {n: v.tolist() for n, v in m['val'].items()},
+            'test': {n: v.tolist() for n, v in m['test'].items()},
+            'local_fraction': m['local_fraction'].tolist()}
+  for extra in ('collaborators', 'layer_fraction'):
+    if extra in m:
+      record[extra] = jax.tree.map(lambda v: v.tolist(), m[extra])
+  return record
 
 
 def run_one(config, fed: federation.Federation, method: str, seed: int, workdir: str,
-            data=None, bank=None, compiled=None) -> Dict[str, np.ndarray]:
-  """Train one method with one seed; returns per-client recorded test metrics.
+            data=None, bank=None, compiled=None, stop: StopFlag | None = None
+            ) -> Dict[str, np.ndarray]:
+  """Train one method with one seed (resuming from ``workdir``'s checkpoints).
 
   Test metrics are recorded for a client whenever its val Dice improves in the
-  second half of training (rounds T//2 .. T-1), METHOD.md 7.
+  second half of training (rounds T//2 .. T-1), METHOD.md 7. A finished run
+  (``result.json`` present) is not trained again.
+
+  Raises:
+    Diverged: a client's loss or parameters became NaN/Inf (names round and client).
+    Interrupted: ``stop`` was requested; a checkpoint of the last round was written.
 
   Returns:
     dict with 'test_dice' [K] (in %), the other test metrics, 'best_round' [K], and
     'final_val_dice' [K].
   """
   os.makedirs(workdir, exist_ok=True)
+  done = os.path.join(workdir, 'result.json')
+  if os.path.exists(done):
+    with open(done) as f:
+      saved = json.load(f)
+    log.warning('%s seed %d: finished earlier (%s), not retrained', method, seed, done)
+    return {n: np.asarray(v, np.int64 if n == 'best_round' else np.float32) for n, v in saved.items()}
   data = device_data(fed) if data is None else data
   bank = build_bank(fed, config) if bank is None else bank
   init_fn, round_fn = compiled or compile_method(config, fed, method)
   k_init, k_run = jax.random.split(jax.random.PRNGKey(seed))
-  state = init_fn(k_init)
   k = fed.num_clients
-  best_val = np.full(k, -np.inf)
-  recorded: Dict[str, np.ndarray] = {}
-  best_round = np.full(k, -1)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), config.checkpoint.every,
+                                 config.checkpoint.keep)
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  start = ckpt.latest()
+  if start is None:
+    state = init_fn(k_init)
+    best_val, best_round, recorded = np.full(k, -1.0, np.float32), np.full(k, -1), {}
+    _keep_lines(metrics_path, 0)
+  else:
+    abstract = {'fed': jax.eval_shape(init_fn, k_init), 'key': jax.eval_shape(lambda: k_run)}
+    saved, bank, meta = ckpt.restore(abstract, jax.eval_shape(lambda: bank))
+    state, k_run = saved['fed'], saved['key']
+    best_val = np.asarray(meta['best_val'], np.float32)
+    best_round = np.asarray(meta['best_round'])
+    recorded = {n: np.asarray(v, np.float32) for n, v in meta['recorded'].items()}
+    _keep_lines(metrics_path, start + 1)
+    log.warning('%s seed %d: resuming after round %d from %s', method, seed, start, ckpt.directory)
+  start = 0 if start is None else start + 1
   half = config.rounds // 2
+  writer = _event_writer(config, workdir)
   progress = Progress(config.rounds, f'{method} seed {seed}')
-  with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as out:
-    for rnd in range(config.rounds):
-      state, metrics = round_fn(state, data, bank, jax.random.fold_in(k_run, rnd), jnp.int32(rnd))
-      m = jax.tree.map(np.asarray, metrics)
-      val_dice = m['val']['dice']
-      if rnd >= half:
-        better = val_dice > best_val
-        best_val = np.where(better, val_dice, best_val)
-        best_round = np.where(better, rnd, best_round)
-        for name, v in m['test'].items():
-          recorded[name] = np.where(better, v, recorded.get(name, v))
-      record = {'round': rnd, 'method': method, 'seed': seed,
-                'train_loss': m['train_loss'].tolist(),
-                'val': {n: v.tolist() for n, v in m['val'].items()},
-                'test': {n: v.tolist() for n, v in m['test'].items()},
-                'local_fraction': m['local_fraction'].tolist()}
-      if 'collaborators' in m:
-        record['collaborators'] = m['collaborators'].tolist()
-      out.write(json.dumps(record) + '\n')
-      out.flush()
-      progress.update(rnd + 1, f'val Dice {100 * val_dice.mean():.1f}')
+  try:
+    with open(metrics_path, 'a') as out:
+      for rnd in range(start, config.rounds):
+        state, metrics = round_fn(state, data, bank, jax.random.fold_in(k_run, rnd), jnp.int32(rnd))
+        m = jax.tree.map(np.asarray, metrics)
+        if not m['finite'].all():
+          bad = [fed.clients[i] for i in np.flatnonzero(~m['finite'])]
+          last = ckpt.latest()
+          raise Diverged(
+              f'{method} seed {seed}: round {rnd}: non-finite loss or parameters on client(s) '
+              f'{", ".join(bad)}; the last good checkpoint '
+              + (f'(after round {last}) is kept in {ckpt.directory}' if last is not None else
+                 'does not exist (no round finished cleanly)')
+              + '; lower config.lr or check the data')
+        val_dice = m['val']['dice']
+        if rnd >= half:
+          better = val_dice > best_val
+          best_val = np.where(better, val_dice, best_val)
+          best_round = np.where(better, rnd, best_round)
+          for name, v in m['test'].items():
+            recorded[name] = np.where(better, v, recorded.get(name, v))
+        out.write(json.dumps(_round_record(method, seed, rnd, m)) + '\n')
+        out.flush()
+        if writer is not None:
+          writer.add_scalar('val/dice_mean', float(val_dice.mean()), rnd)
+          writer.add_scalar('train/loss_mean', float(m['train_loss'].mean()), rnd)
+          for i, c in enumerate(fed.clients):
+            writer.add_scalar(f'val/dice/{c}', float(val_dice[i]), rnd)
+            writer.add_scalar(f'local_fraction/{c}', float(m['local_fraction'][i]), rnd)
+        if ckpt.due(rnd, config.rounds) or (stop is not None and stop.requested):
+          meta = {'round': rnd, 'method': method, 'seed': seed,
+                  'best_val': best_val.tolist(), 'best_round': best_round.tolist(),
+                  'recorded': {n: v.tolist() for n, v in recorded.items()}}
+          ckpt.save(rnd, {'fed': state, 'key': k_run}, bank, meta)
+        progress.update(rnd + 1, f'val Dice {100 * val_dice.mean():.1f}')
+        if stop is not None and stop.requested and rnd < config.rounds - 1:
+          raise Interrupted(f'{method} seed {seed}: stopped after round {rnd}; checkpoint in '
+                            f'{ckpt.directory}; run the same command again to resume')
+  finally:
+    ckpt.close()
+    if writer is not None:
+      writer.close()
   result = {f'test_{n}': 100 * v for n, v in recorded.items()}
   result['best_round'] = best_round
-  result['final_val_dice'] = 100 * val_dice
+  with open(metrics_path) as f:
+    last = json.loads(f.read().splitlines()[-1])
+  result['final_val_dice'] = 100 * np.asarray(last['val']['dice'], np.float32)
+  _write_atomic(done, json.dumps({n: v.tolist() for n, v in result.items()}))
   return result
 
 
-def results_table(clients: Sequence[str], rows: Dict[str, List[np.ndarray]]) -> Dict[str, str]:
-  """Markdown and CSV of test Dice: rows = methods, columns = clients + mean.
+def dice_cells(per_seed: Sequence[np.ndarray]) -> Tuple[List[str], List[str]]:
+  """Table cells (Markdown, CSV) for per-seed [K] Dice arrays: K clients + the mean.
 
   Each cell is mean +- std over seeds (std omitted with one seed).
   """
+  arr = np.stack(per_seed)                    # [S, K]
+  arr = np.concatenate([arr, arr.mean(1, keepdims=True)], 1)
+  mean, std = arr.mean(0), arr.std(0)
+  if len(per_seed) > 1:
+    return ([f'{m:.2f} ± {s:.2f}' for m, s in zip(mean, std)],
+            [f'{m:.2f}±{s:.2f}' for m, s in zip(mean, std)])
+  cells = [f'{m:.2f}' for m in mean]
+  return cells, cells
+
+
+def results_table(clients: Sequence[str], rows: Dict[str, List[np.ndarray]]) -> Dict[str, str]:
+  """Markdown and CSV of test Dice: rows = methods, columns = clients + mean (see dice_cells)."""
   header = ['method', *clients, 'mean']
   md = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   csv = [','.join(header)]
   for method, per_seed in rows.items():
-    arr = np.stack(per_seed)                    # [S, K]
-    arr = np.concatenate([arr, arr.mean(1, keepdims=True)], 1)
-    mean, std = arr.mean(0), arr.std(0)
-    if len(per_seed) > 1:
-      cells = [f'{m:.2f} ± {s:.2f}' for m, s in zip(mean, std)]
-      csv_cells = [f'{m:.2f}±{s:.2f}' for m, s in zip(mean, std)]
-    else:
-      cells = csv_cells = [f'{m:.2f}' for m in mean]
-    md.append('| ' + ' | '.join([method, *cells]) + ' |')
+    md_cells, csv_cells = dice_cells(per_seed)
+    md.append('| ' + ' | '.join([method, *md_cells]) + ' |')
     csv.append(','.join([method, *csv_cells]))
   return {'md': '\n'.join(md) + '\n', 'csv': '\n'.join(csv) + '\n'}
+
+
+def prepare_workdir(config, workdir: str) -> str:
+  """Check ``workdir`` before any training; returns the folder the run will use.
+
+  A workdir that already holds a run (its config.json) is resumed when the configs
+  agree on every field that changes results (checkpoint.RESUME_IGNORES aside);
+  otherwise this raises naming the differing fields. With ``config.resume=False``
+  the run starts fresh in ``<workdir>/run-<n>`` and nothing old is touched.
+  """
+  checkpoint.check_writable(workdir)
+  saved_path = os.path.join(workdir, 'config.json')
+  now = json.loads(config.to_json_best_effort())
+  if os.path.exists(saved_path):
+    if not config.resume:
+      workdir = checkpoint.fresh_subfolder(workdir)
+      log.warning('config.resume=false: starting a fresh run in %s', workdir)
+      checkpoint.check_writable(workdir)
+    else:
+      try:
+        with open(saved_path) as f:
+          saved = json.load(f)
+      except (OSError, ValueError) as e:
+        raise ValueError(f'{saved_path} is unreadable ({e}); pass --config.resume=false to start '
+                         'a fresh run beside it, or another --workdir') from None
+      diff = checkpoint.config_diff(saved, now)
+      if diff:
+        raise ValueError(f'{workdir} holds a run with another config, so it cannot be resumed:\n  '
+                         + '\n  '.join(diff) + '\npass --config.resume=false to start a fresh run '
+                         f'in a subfolder of {workdir} (nothing is deleted), or another --workdir')
+  _write_atomic(os.path.join(workdir, 'config.json'),
+                config.to_json_best_effort(indent=2, sort_keys=True))
+  return workdir
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Dict]:
   """Run every requested method and seed; write results.md / results.csv in ``workdir``.
 
+  Re-running with the same workdir resumes from checkpoints and skips finished runs
+  (see prepare_workdir). At the end, report.md / report.html (config.report).
+
   Returns:
-    {method: {'per_seed': [result dicts of run_one], 'tables': {...}}}.
+    {'workdir': the folder used, 'clients': names, 'methods': {method: {'per_seed': [run_one results]}},
+     'tables': {'md', 'csv'} of the results table}.
   """
   config = resolve(config)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = prepare_workdir(config, workdir)
   on_phantom = config.data.root is None and not config.data.clients
   if on_phantom:
     log.warning('no data.root given: running the built-in phantom (%d sites, %dx%d images, '
                 '%d rounds, UNet base %d); pass --config.data.root=/path for real data',
                 config.phantom.num_sites, config.phantom.image_size, config.phantom.image_size,
                 config.rounds, config.model.base)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   fed = load_federation(config)
   log.warning('%s', fed.summary())
   log.warning('JAX backend %s, client axis %s', jax.default_backend(),
               engine.resolve_client_axis(config.engine.client_axis))
   data, bank = device_data(fed), build_bank(fed, config)
+  seeds = parse_seeds(config.seeds)
   rows: Dict[str, List[np.ndarray]] = {}
-  results = {}
-  for method in parse_methods(config.method):
-    per_seed = []
-    compiled = compile_method(config, fed, method)
-    for seed in parse_seeds(config.seeds):
-      res = run_one(config, fed, method, seed, os.path.join(workdir, method, f'seed{seed}'),
-                    data, bank, compiled)
-      per_seed.append(res)
-    rows[method] = [r['test_dice'] for r in per_seed]
-    results[method] = {'per_seed': per_seed}
-    tables = results_table(fed.clients, rows)  # rewritten after every method: partial results survive
-    for ext in ('md', 'csv'):
-      with open(os.path.join(workdir, f'results.{ext}'), 'w') as f:
-        f.write(tables[ext])
+  results: Dict[str, Dict] = {}
+  with StopFlag() as stop:
+    for method in parse_methods(config.method):
+      compiled = compile_method(config, fed, method)
+      state_bytes = checkpoint.tree_bytes(jax.eval_shape(compiled[0], jax.random.PRNGKey(0)))
+      checkpoint.check_writable(workdir, len(seeds) * (config.checkpoint.keep + 1) * state_bytes)
+      per_seed = [run_one(config, fed, method, seed, os.path.join(workdir, method, f'seed{seed}'),
+                          data, bank, compiled, stop) for seed in seeds]
+      rows[method] = [r['test_dice'] for r in per_seed]
+      results[method] = {'per_seed': per_seed}
+      tables = results_table(fed.clients, rows)  # rewritten after every method: partial results survive
+      for ext in ('md', 'csv'):
+        _write_atomic(os.path.join(workdir, f'results.{ext}'), tables[ext])
   print(f'\nTest Dice (%) per client, recorded at the best val Dice of rounds '
         f'{config.rounds // 2}..{config.rounds - 1}:\n')
   print(tables['md'])
-  print(f'written: {os.path.join(workdir, "results.md")}, results.csv, <method>/seed<k>/metrics.jsonl')
-  return results
+  written = [os.path.join(workdir, 'results.md'), 'results.csv', '<method>/seed<k>/metrics.jsonl']
+  if config.report.enabled:
+    from pflresfim_jax import report  # matplotlib only when a report is drawn
+    written.insert(1, os.path.basename(report.build(workdir, config=config, fed=fed)))
+  print('written: ' + ', '.join(written))
+  return {'workdir': workdir, 'clients': list(fed.clients), 'methods': results, 'tables': tables}
