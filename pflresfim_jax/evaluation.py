@@ -6,7 +6,7 @@ metric is computed per image with a 1e-6 smoothing, then averaged over the real
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 import jax
 import jax.numpy as jnp

@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import re
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 

@@ -1,8 +1,14 @@
 import os
 import sys
+import tempfile
 
 # Tests run on the CPU whatever the machine has. The models in the tests are tiny, so
-# XLA's compile time dominates: skip its expensive backend optimisations.
+# XLA's compile time dominates: skip its expensive backend optimisations, and share
+# compiled programs between tests and the entry points they start as subprocesses
+# through a compilation cache private to this test session.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('XLA_FLAGS', '--xla_backend_optimization_level=0')
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='pflresfim-test-xla-'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 sys.path.insert(0, os.path.dirname(__file__))

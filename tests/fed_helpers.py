@@ -1,9 +1,8 @@
 """A tiny federation and context for engine and method tests."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from pflresfim_jax import config as config_lib, methods, models, train
+from pflresfim_jax import config as config_lib, methods, train
 from pflresfim_jax.data import phantom
 
 

@@ -3,7 +3,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pflresfim_jax import models
 from pflresfim_jax.clients import engine
 from fed_helpers import setup
 from helpers import random_batch, tiny_unet

@@ -52,3 +52,20 @@ def test_path_masks_on_unet():
   body = masks.body(params)
   total = models.count_params(params)
   assert int(masks.fraction_true(body) * total + 0.5) == total - params['head']['kernel'].size - 1
+
+
+def test_module_fractions_match_a_count():
+  params = {'enc1_0': {'conv': {'kernel': jnp.zeros((3, 3, 1, 2)), 'bias': jnp.zeros(2)},
+                       'bn': {'scale': jnp.zeros(2), 'bias': jnp.zeros(2)}},
+            'head': {'kernel': jnp.zeros((1, 1, 2, 1)), 'bias': jnp.zeros(1)}}
+  mask = jax.tree.map(lambda x: jnp.zeros(x.shape, bool), params)
+  mask['enc1_0']['conv']['kernel'] = mask['enc1_0']['conv']['kernel'].at[0, 0].set(True)  # 2 of 18
+  mask['enc1_0']['conv']['bias'] = jnp.array([True, False])                               # 1 of 2
+  mask['head']['bias'] = jnp.array([True])
+  got = masks.module_fractions(mask)
+  assert set(got) == {'enc1_0/conv', 'enc1_0/bn', 'head'}
+  np.testing.assert_allclose(got['enc1_0/conv'], 3 / 20)
+  np.testing.assert_allclose(got['enc1_0/bn'], 0.0)
+  np.testing.assert_allclose(got['head'], 1 / 3)
+  stacked = jax.vmap(masks.module_fractions)(masks.stack(mask, 2))
+  assert stacked['head'].shape == (2,)

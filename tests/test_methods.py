@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pflresfim_jax import aggregate, masks, methods, models
+from pflresfim_jax import masks, models
 from fed_helpers import leaves_equal_across_clients, setup
 
 
@@ -157,8 +157,33 @@ def test_pfl_resfim_keeps_top_ratio_local_and_averages_the_rest():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   assert none_equal_across_clients(after['batch_stats'])
   np.testing.assert_allclose(info['local_fraction'], 0.2, atol=0.05)
+  # Per-module fractions (the report's heat map) agree with the mask.
+  head = np.asarray(mask['head']['kernel']).reshape(mask['head']['kernel'].shape[0], -1)
+  head_b = np.asarray(mask['head']['bias']).reshape(head.shape[0], -1)
+  np.testing.assert_allclose(info['layer_fraction']['head'],
+                             (head.sum(1) + head_b.sum(1)) / (head.shape[1] + head_b.shape[1]))
 
 
 def test_pfl_resfim_warmup_is_fedavg():
   _, _, after, _, _ = one_round('pfl_resfim', **{'resfim.warmup_rounds': 5})
   assert all_equal_across_clients(after['params'])
+
+
+@pytest.mark.parametrize('method', ['fedavg', 'ditto'])
+def test_predict_uses_each_clients_model(method):
+  """Algorithm.predict: the model a client is evaluated with (Ditto: the personal one)."""
+  _, _, after, _, data = one_round(method)
+  cfg, fed, algo, _, _ = setup(method)
+  images = data['test']['image'][:, :2]
+  got = np.asarray(jax.jit(algo.predict)(after, images))
+  apply = models.inference_fn(algo_model(cfg))
+  src = after['personal'] if method == 'ditto' else after
+  for k in range(fed.num_clients):
+    pick = lambda t: jax.tree.map(lambda x: x[k], t)
+    want = apply(pick(src['params']), pick(src['batch_stats']), images[k])
+    np.testing.assert_allclose(got[k], want, rtol=1e-4, atol=1e-5)
+
+
+def algo_model(cfg):
+  from pflresfim_jax import train
+  return train.build_model(cfg)

@@ -93,3 +93,136 @@ def test_main_reports_bad_config(tmp_path):
          '--config.method=fedfoo']
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0 and 'config.method' in proc.stderr and 'fedfoo' in proc.stderr
+
+
+# ------------------------------------------------------------------ runs that survive
+TINY = ['--config.method=pfl_resfim', '--config.rounds=6', '--config.local_epochs=1',
+        '--config.model.base=2', '--config.phantom.image_size=16', '--config.phantom.num_sites=2',
+        '--config.eval.batch_size=4', '--config.fisher.num_examples=4', '--config.fisher.chunk_size=2',
+        '--config.spectral.ratio=0.1', '--config.checkpoint.every=1', '--config.checkpoint.keep=2']
+
+
+def _main(workdir, *extra):
+  return [sys.executable, os.path.join(ROOT, 'experiments', 'main.py'),
+          f'--config={os.path.join(ROOT, "configs", "vessel.py")}', f'--workdir={workdir}', *TINY, *extra]
+
+
+def _lines(path):
+  return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _start_and_signal(cmd, sig, when, timeout=600):
+  """Start ``cmd``; send ``sig`` once ``when()`` holds; return (returncode, stderr)."""
+  import signal
+  import time
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + timeout
+  while not when() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  assert proc.poll() is None, 'the run ended before it could be interrupted: ' + proc.stderr.read()[-2000:]
+  proc.send_signal(sig)
+  _, err = proc.communicate(timeout=timeout)
+  return proc.returncode, err
+
+
+def test_interrupt_kill_resume_equals_straight_run(tmp_path):
+  """Ctrl-C writes a checkpoint and exits 130; SIGKILL loses nothing a checkpoint held;
+  resuming twice gives byte-identical results and per-round metrics to a straight run."""
+  import signal
+  straight, broken = tmp_path / 'straight', tmp_path / 'broken'
+  proc = subprocess.run(_main(straight), capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  run = broken / 'pfl_resfim' / 'seed0'
+  metrics = run / 'metrics.jsonl'
+
+  rc, err = _start_and_signal(_main(broken), signal.SIGINT, lambda: _lines(metrics) >= 1)
+  assert rc == 130, err[-3000:]
+  assert 'interrupted' in err and 'run the same command again to resume' in err
+  assert not (run / 'result.json').exists()
+  steps = sorted(int(d) for d in os.listdir(run / 'checkpoints') if d.isdigit())
+  assert steps and steps[-1] == _lines(metrics) - 1 < 5  # the round it stopped after
+
+  rc, err = _start_and_signal(_main(broken), signal.SIGKILL,
+                              lambda: _lines(metrics) >= steps[-1] + 3)
+  assert rc == -signal.SIGKILL and not (run / 'result.json').exists()
+  assert 'resuming after round' in err
+
+  proc = subprocess.run(_main(broken), capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (broken / 'results.csv').read_bytes() == (straight / 'results.csv').read_bytes()
+  assert metrics.read_bytes() == (straight / 'pfl_resfim' / 'seed0' / 'metrics.jsonl').read_bytes()
+  assert 'PhantomA' in (broken / 'results.csv').read_text().splitlines()[0]
+  assert not any(c in (broken / 'results.csv').read_text() for c in ('/', 'time', ':'))
+
+  # Done: running again trains nothing and rewrites the same table.
+  proc = subprocess.run(_main(broken), capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0 and 'finished earlier' in proc.stderr
+  assert (broken / 'results.csv').read_bytes() == (straight / 'results.csv').read_bytes()
+
+  # The report was written at the end, and experiments/report.py rebuilds it from the files.
+  for name in ('report.md', 'report.html', 'report/dice_curves.png', 'report/local_layers.png',
+               'report/predictions.png'):
+    (broken / name).unlink()
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'report.py'),
+                         f'--workdir={broken}'], capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  md = (broken / 'report.md').read_text()
+  assert '| pfl_resfim |' in md and 'report/local_layers.png' in md and 'report/predictions.png' in md
+  for png in ('dice_curves', 'local_layers', 'predictions'):
+    assert (broken / 'report' / f'{png}.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  html_text = (broken / 'report.html').read_text()
+  assert html_text.count('data:image/png;base64,') == 3 and '<td>pfl_resfim</td>' in html_text
+  assert list((broken / 'pfl_resfim' / 'seed0' / 'tensorboard').iterdir())
+
+
+def test_workdir_with_another_config_is_refused(tmp_path, capsys):
+  a = config_lib.base_config()
+  train.prepare_workdir(train.resolve(a), str(tmp_path))
+  saved = (tmp_path / 'config.json').read_text()
+  b = config_lib.base_config()
+  b.rounds, b.lr = 20, 0.01
+  with pytest.raises(ValueError) as e:
+    train.prepare_workdir(train.resolve(b), str(tmp_path))
+  assert 'rounds: 12 in the workdir, 20 now' in str(e.value) and 'lr: 0.001' in str(e.value)
+  assert 'resume=false' in str(e.value)
+  c = config_lib.base_config()
+  c.method, c.seeds, c.checkpoint.every = 'fedavg', '0,1', 2     # do not change results: resumable
+  assert train.prepare_workdir(train.resolve(c), str(tmp_path)) == str(tmp_path)
+  b.resume = False
+  fresh = train.prepare_workdir(train.resolve(b), str(tmp_path))
+  assert fresh == str(tmp_path / 'run-2')
+  assert json.loads((tmp_path / 'run-2' / 'config.json').read_text())['rounds'] == 20
+  assert json.loads(saved)['rounds'] == json.loads((tmp_path / 'config.json').read_text())['rounds'] == 12
+
+
+def test_full_workdir_fails_before_training(tmp_path, monkeypatch):
+  from collections import namedtuple
+  from pflresfim_jax import checkpoint
+  usage = namedtuple('usage', 'total used free')
+  monkeypatch.setattr(checkpoint.shutil, 'disk_usage', lambda p: usage(1, 1, 1000))
+  from fed_helpers import tiny_config
+  with pytest.raises(ValueError, match='MiB free, but the run needs'):
+    train.train_and_evaluate(tiny_config(method='local'), str(tmp_path))
+  assert not list(tmp_path.rglob('metrics.jsonl'))
+
+
+def test_non_finite_stops_with_round_and_client_keeping_last_checkpoint(tmp_path):
+  import jax
+  import jax.numpy as jnp
+  from fed_helpers import tiny_config, tiny_fed
+  cfg = tiny_config(method='local', rounds=4, **{'checkpoint.every': 1})
+  fed = tiny_fed(16, 3)
+  init_fn, round_fn = train.compile_method(cfg, fed, 'local')
+
+  def poisoned(state, data, bank, key, rnd):  # client 1 blows up in round 2
+    if int(rnd) == 2:
+      state = {**state, 'params': jax.tree.map(lambda x: x.at[1].multiply(jnp.inf), state['params'])}
+    return round_fn(state, data, bank, key, rnd)
+
+  with pytest.raises(train.Diverged) as e:
+    train.run_one(cfg, fed, 'local', 0, str(tmp_path), compiled=(init_fn, poisoned))
+  msg = str(e.value)
+  assert 'round 2' in msg and fed.clients[1] in msg and fed.clients[0] not in msg
+  assert 'after round 1' in msg
+  assert sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit())[-1] == 1
+  assert _lines(tmp_path / 'metrics.jsonl') == 2 and not (tmp_path / 'result.json').exists()
