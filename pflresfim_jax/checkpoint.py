@@ -72,6 +72,13 @@ class Checkpointer:
         meta=ocp.args.JsonRestore()))
     return got['state'], got['bank'], got['meta']
 
+  def meta(self, step: Optional[int] = None) -> Dict[str, Any]:
+    """Only the JSON bookkeeping of checkpoint ``step`` (default: the latest)."""
+    step = self.latest() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {self.directory}')
+    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
   def close(self) -> None:
     self._manager.close()
 

@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.engine.client_axis = 'auto'  # 'vmap' | 'map' | 'auto' (map on GPU/TPU, vmap on CPU)
   c.engine.unroll = 'auto'       # unroll training/Fisher loops: 'auto' (CPU only), 'true', 'false'
   c.engine.precision = 'fp32'
+  c.engine.devices = 'auto'      # devices the client axis is split over: 'auto' (all) or an int
 
   c.resume = True                # re-running into a workdir resumes it; False: a fresh run in <workdir>/run-<n>
   c.checkpoint = ml_collections.ConfigDict()

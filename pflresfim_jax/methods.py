@@ -66,12 +66,15 @@ class Context:
     image_shape: (H, W, C).
     config: the resolved run config (see pflresfim_jax.config).
     rounds: T, for the learning-rate schedule and FedCAC's threshold.
+    mesh: optional Mesh the client axis is split over (clients/sharding.py); K is a
+      multiple of its size.
   """
   model: Any
   num_clients: int
   image_shape: Tuple[int, int, int]
   config: ml_collections.ConfigDict
   rounds: int
+  mesh: Any = None
 
   @property
   def strategy(self) -> str:
@@ -111,6 +114,9 @@ def build(name: str, ctx: Context) -> Algorithm:
     raise ValueError(f'config.method must be among {METHODS} (or all), got {name!r}')
   cfg, model, k_clients = ctx.config, ctx.model, ctx.num_clients
   strategy = ctx.strategy
+
+  def over_clients(fn, *stacked):
+    return engine.map_clients(fn, strategy, *stacked, mesh=ctx.mesh)
   unroll = engine.resolve_unroll(cfg.engine.unroll)
   tx = engine.optimizer(cfg.weight_decay)
   base_loss = engine.seg_loss(model)
@@ -139,7 +145,7 @@ def build(name: str, ctx: Context) -> Algorithm:
     def one(c, a, d, k):
       return engine.local_train(step, c, a, d, k, lr, epochs, cfg.batch_size,
                                 cfg.augment.flip, cfg.augment.rot90, unroll)
-    return engine.map_clients(one, strategy, carry, aux, data, keys)
+    return over_clients(one, carry, aux, data, keys)
 
   # ---------------------------------------------------------------- init
   def init(key):
@@ -211,7 +217,7 @@ def build(name: str, ctx: Context) -> Algorithm:
     nmax = data['image'].shape[1]
     m = min(int(f.num_examples), nmax)
 
-    def one(params, stats, d, k, client_id):
+    def one(params, stats, d, k, client_id, bank):
       k_pick, k_sim = jax.random.split(k)
       order = engine.epoch_order(k_pick, d['count'], nmax, nmax)[:m]
       batch = {'image': d['image'][order], 'label': d['label'][order],
@@ -224,8 +230,10 @@ def build(name: str, ctx: Context) -> Algorithm:
                           eps=cfg.resfim.eps, unroll=unroll)
       return resfim.partition(r, cfg.resfim.ratio, cfg.resfim.scope)
     keys = jax.random.split(key, k_clients)
-    return engine.map_clients(one, strategy, state['params'], state['batch_stats'], data, keys,
-                              jnp.arange(k_clients))
+    # The (small) bank goes to every client as an argument, not a closure: inside a
+    # shard_map over devices a closed-over sharded array cannot be indexed.
+    return over_clients(one, state['params'], state['batch_stats'], data, keys,
+                        jnp.arange(k_clients), _stack(bank, k_clients))
 
   def fedcac(state, start, weights, rnd):
     c = cfg.fedcac
@@ -296,8 +304,8 @@ def build(name: str, ctx: Context) -> Algorithm:
       ev = lambda d: evaluation.evaluate(predict, d['image'], d['label'], d['count'],
                                          cfg.eval.batch_size, cfg.eval.threshold)
       return {'val': ev(val), 'test': ev(test)}
-    return engine.map_clients(one, strategy, state['params'], state['batch_stats'],
-                              state['personal'], data['val'], data['test'])
+    return over_clients(one, state['params'], state['batch_stats'], state['personal'],
+                        data['val'], data['test'])
 
   def round_fn(state, data, bank, key, rnd):
     lr = cfg.lr * lr_factor(cfg, ctx.rounds, rnd)
@@ -311,7 +319,6 @@ def build(name: str, ctx: Context) -> Algorithm:
   def predict(state, images):
     def one(params, stats, personal, x):
       return predictor(params, stats, personal)(x)
-    return engine.map_clients(one, strategy, state['params'], state['batch_stats'],
-                              state['personal'], images)
+    return over_clients(one, state['params'], state['batch_stats'], state['personal'], images)
 
   return Algorithm(init, round_fn, train, server, predict)

@@ -123,24 +123,28 @@ def predictions(workdir: str, config, fed, method: str, seed: int, path: str,
   import jax.numpy as jnp
 
   from pflresfim_jax import checkpoint, methods, train
+  from pflresfim_jax.clients import sharding
   ckpt_dir = os.path.join(workdir, method, f'seed{seed}', 'checkpoints')
   if not os.path.isdir(ckpt_dir):
     return False
-  ctx = methods.Context(train.build_model(config), fed.num_clients, fed.image_shape, config,
-                        config.rounds)
-  algo = methods.build(method, ctx)
-  key = jax.random.PRNGKey(0)
-  bank = train.build_bank(fed, config)
   ckpt = checkpoint.Checkpointer(ckpt_dir, config.checkpoint.every, config.checkpoint.keep)
   try:
     if ckpt.latest() is None:
       return False
-    abstract = {'fed': jax.eval_shape(algo.init, key), 'key': jax.eval_shape(lambda: key)}
-    saved, _, meta = ckpt.restore(abstract, jax.eval_shape(lambda: bank))
+    # The run may have padded its clients for D devices; the report uses one device.
+    k_pad = int(ckpt.meta().get('clients_padded', fed.num_clients))
+    ctx = methods.Context(train.build_model(config), k_pad, fed.image_shape, config, config.rounds)
+    algo = methods.build(method, ctx)
+    one = sharding.replicated(sharding.client_mesh(1))
+    key = jax.random.PRNGKey(0)
+    bank = train.build_bank(fed, config)
+    abstract = {'fed': sharding.abstract(jax.eval_shape(algo.init, key), one),
+                'key': sharding.abstract(key, one)}
+    saved, _, meta = ckpt.restore(abstract, sharding.abstract(bank, one))
   finally:
     ckpt.close()
   n = max(1, min(examples, int(fed.test.counts.min())))
-  images = jnp.asarray(fed.test.images[:, :n])
+  images = jnp.asarray(sharding.pad_clients(fed.test.images[:, :n], k_pad))
   probs = np.asarray(jax.nn.sigmoid(jax.jit(algo.predict)(saved['fed'], images)))
   plt = _plt()
   k = fed.num_clients

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from pflresfim_jax import checkpoint, methods, models, spectral
-from pflresfim_jax.clients import engine
+from pflresfim_jax.clients import engine, sharding
 from pflresfim_jax.config import METHODS
 from pflresfim_jax.data import federation
 from pflresfim_jax.data import phantom
@@ -95,15 +95,21 @@ def build_model(config):
   return models.UNet2D(base=config.model.base, dtype=dtype)
 
 
-def device_data(fed: federation.Federation) -> Dict[str, Dict[str, jax.Array]]:
-  """The federation's splits as device arrays: {split: {'image','label','count'}}."""
-  return {s: {'image': jnp.asarray(getattr(fed, s).images),
-              'label': jnp.asarray(getattr(fed, s).labels),
-              'count': jnp.asarray(getattr(fed, s).counts)} for s in federation.SPLITS}
+def device_data(fed: federation.Federation, mesh=None) -> Dict[str, Dict[str, jax.Array]]:
+  """The splits as device arrays ``{split: {'image','label','count'}}``, client axis on ``mesh``.
+
+  With a mesh of D devices the client axis is padded to a multiple of D with empty
+  clients (count 0); see clients/sharding.py.
+  """
+  mesh = mesh or sharding.client_mesh(1)
+  k_pad = sharding.padded_clients(fed.num_clients, mesh)
+  return {s: sharding.put_clients(sharding.pad_clients(
+      {'image': getattr(fed, s).images, 'label': getattr(fed, s).labels,
+       'count': getattr(fed, s).counts}, k_pad), mesh) for s in federation.SPLITS}
 
 
-def build_bank(fed: federation.Federation, config) -> Dict[str, jax.Array]:
-  """The spectral bank: only low-frequency amplitude windows leave each client."""
+def build_bank(fed: federation.Federation, config, mesh=None) -> Dict[str, jax.Array]:
+  """The spectral bank: only low-frequency amplitude windows leave each client (replicated)."""
   windows, owner = [], []
   for k in range(fed.num_clients):
     images, _ = fed.train.client(k)
@@ -112,7 +118,8 @@ def build_bank(fed: federation.Federation, config) -> Dict[str, jax.Array]:
   bank, owner = jnp.asarray(np.concatenate(windows)), jnp.asarray(np.concatenate(owner))
   if config.spectral.share == 'client_mean':
     bank, owner = spectral.client_mean_bank(bank, owner, fed.num_clients)
-  return {'windows': bank, 'owner': owner}
+  return jax.device_put({'windows': bank, 'owner': owner},
+                        sharding.replicated(mesh or sharding.client_mesh(1)))
 
 
 class Progress:
@@ -170,14 +177,17 @@ class StopFlag:
     return False
 
 
-def compile_method(config, fed: federation.Federation, method: str):
+def compile_method(config, fed: federation.Federation, method: str, mesh=None):
   """``(init, round)`` of ``method`` jitted: built once, reused for every seed.
 
-  The round's metrics gain 'finite' [K]: whether every float in a client's state
-  (parameters, personal model) and its training loss are finite.
+  The client axis is padded to a multiple of the mesh size and split over it
+  (clients/sharding.py). The round's metrics gain 'finite' [K]: whether every
+  float in a client's state (parameters, personal model) and its training loss are
+  finite.
   """
-  ctx = methods.Context(build_model(config), fed.num_clients, fed.image_shape, config,
-                        config.rounds)
+  mesh = mesh or sharding.client_mesh(1)
+  ctx = methods.Context(build_model(config), sharding.padded_clients(fed.num_clients, mesh),
+                        fed.image_shape, config, config.rounds, mesh=mesh)
   algo = methods.build(method, ctx)
 
   def checked_round(state, data, bank, key, rnd):
@@ -186,8 +196,9 @@ def compile_method(config, fed: federation.Federation, method: str):
       leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
       return jax.vmap(lambda *xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(*leaves)
     ok = finite({'p': state['params'], 'v': state['personal']}) & jnp.isfinite(metrics['train_loss'])
-    return state, {**metrics, 'finite': ok}
-  return jax.jit(algo.init), jax.jit(checked_round, donate_argnums=(0,))
+    return sharding.constrain(state, mesh), {**metrics, 'finite': ok}
+  init = jax.jit(algo.init, out_shardings=sharding.split(mesh))
+  return init, jax.jit(checked_round, donate_argnums=(0,))
 
 
 def _event_writer(config, run_dir: str):
@@ -233,7 +244,7 @@ def _round_record(method, seed, rnd, m) -> Dict:
 
 
 def run_one(config, fed: federation.Federation, method: str, seed: int, workdir: str,
-            data=None, bank=None, compiled=None, stop: StopFlag | None = None
+            data=None, bank=None, compiled=None, stop: StopFlag | None = None, mesh=None
             ) -> Dict[str, np.ndarray]:
   """Train one method with one seed (resuming from ``workdir``'s checkpoints).
 
@@ -256,9 +267,10 @@ def run_one(config, fed: federation.Federation, method: str, seed: int, workdir:
       saved = json.load(f)
     log.warning('%s seed %d: finished earlier (%s), not retrained', method, seed, done)
     return {n: np.asarray(v, np.int64 if n == 'best_round' else np.float32) for n, v in saved.items()}
-  data = device_data(fed) if data is None else data
-  bank = build_bank(fed, config) if bank is None else bank
-  init_fn, round_fn = compiled or compile_method(config, fed, method)
+  mesh = mesh or sharding.client_mesh(1)
+  data = device_data(fed, mesh) if data is None else data
+  bank = build_bank(fed, config, mesh) if bank is None else bank
+  init_fn, round_fn = compiled or compile_method(config, fed, method, mesh)
   k_init, k_run = jax.random.split(jax.random.PRNGKey(seed))
   k = fed.num_clients
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), config.checkpoint.every,
@@ -270,8 +282,9 @@ def run_one(config, fed: federation.Federation, method: str, seed: int, workdir:
     best_val, best_round, recorded = np.full(k, -1.0, np.float32), np.full(k, -1), {}
     _keep_lines(metrics_path, 0)
   else:
-    abstract = {'fed': jax.eval_shape(init_fn, k_init), 'key': jax.eval_shape(lambda: k_run)}
-    saved, bank, meta = ckpt.restore(abstract, jax.eval_shape(lambda: bank))
+    abstract = {'fed': sharding.abstract(jax.eval_shape(init_fn, k_init), sharding.split(mesh)),
+                'key': sharding.abstract(k_run, sharding.replicated(mesh))}
+    saved, bank, meta = ckpt.restore(abstract, sharding.abstract(bank, sharding.replicated(mesh)))
     state, k_run = saved['fed'], saved['key']
     best_val = np.asarray(meta['best_val'], np.float32)
     best_round = np.asarray(meta['best_round'])
@@ -279,6 +292,7 @@ def run_one(config, fed: federation.Federation, method: str, seed: int, workdir:
     _keep_lines(metrics_path, start + 1)
     log.warning('%s seed %d: resuming after round %d from %s', method, seed, start, ckpt.directory)
   start = 0 if start is None else start + 1
+  mesh_clients = sharding.padded_clients(k, mesh)
   half = config.rounds // 2
   writer = _event_writer(config, workdir)
   progress = Progress(config.rounds, f'{method} seed {seed}')
@@ -286,7 +300,7 @@ def run_one(config, fed: federation.Federation, method: str, seed: int, workdir:
     with open(metrics_path, 'a') as out:
       for rnd in range(start, config.rounds):
         state, metrics = round_fn(state, data, bank, jax.random.fold_in(k_run, rnd), jnp.int32(rnd))
-        m = jax.tree.map(np.asarray, metrics)
+        m = jax.tree.map(lambda v: np.asarray(v)[:k], metrics)  # padded clients dropped
         if not m['finite'].all():
           bad = [fed.clients[i] for i in np.flatnonzero(~m['finite'])]
           last = ckpt.latest()
@@ -312,7 +326,7 @@ def run_one(config, fed: federation.Federation, method: str, seed: int, workdir:
             writer.add_scalar(f'val/dice/{c}', float(val_dice[i]), rnd)
             writer.add_scalar(f'local_fraction/{c}', float(m['local_fraction'][i]), rnd)
         if ckpt.due(rnd, config.rounds) or (stop is not None and stop.requested):
-          meta = {'round': rnd, 'method': method, 'seed': seed,
+          meta = {'round': rnd, 'method': method, 'seed': seed, 'clients_padded': mesh_clients,
                   'best_val': best_val.tolist(), 'best_round': best_round.tolist(),
                   'recorded': {n: v.tolist() for n, v in recorded.items()}}
           ckpt.save(rnd, {'fed': state, 'key': k_run}, bank, meta)
@@ -413,19 +427,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                 config.rounds, config.model.base)
   fed = load_federation(config)
   log.warning('%s', fed.summary())
-  log.warning('JAX backend %s, client axis %s', jax.default_backend(),
-              engine.resolve_client_axis(config.engine.client_axis))
-  data, bank = device_data(fed), build_bank(fed, config)
+  mesh = sharding.client_mesh(config.engine.devices)
+  log.warning('JAX backend %s, client axis %s, %d device(s) (%d clients padded to %d)',
+              jax.default_backend(), engine.resolve_client_axis(config.engine.client_axis),
+              mesh.size, fed.num_clients, sharding.padded_clients(fed.num_clients, mesh))
+  data, bank = device_data(fed, mesh), build_bank(fed, config, mesh)
   seeds = parse_seeds(config.seeds)
   rows: Dict[str, List[np.ndarray]] = {}
   results: Dict[str, Dict] = {}
   with StopFlag() as stop:
     for method in parse_methods(config.method):
-      compiled = compile_method(config, fed, method)
+      compiled = compile_method(config, fed, method, mesh)
       state_bytes = checkpoint.tree_bytes(jax.eval_shape(compiled[0], jax.random.PRNGKey(0)))
       checkpoint.check_writable(workdir, len(seeds) * (config.checkpoint.keep + 1) * state_bytes)
       per_seed = [run_one(config, fed, method, seed, os.path.join(workdir, method, f'seed{seed}'),
-                          data, bank, compiled, stop) for seed in seeds]
+                          data, bank, compiled, stop, mesh) for seed in seeds]
       rows[method] = [r['test_dice'] for r in per_seed]
       results[method] = {'per_seed': per_seed}
       tables = results_table(fed.clients, rows)  # rewritten after every method: partial results survive

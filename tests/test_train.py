@@ -96,7 +96,7 @@ def test_main_reports_bad_config(tmp_path):
 
 
 # ------------------------------------------------------------------ runs that survive
-TINY = ['--config.method=pfl_resfim', '--config.rounds=6', '--config.local_epochs=1',
+TINY = ['--config.method=pfl_resfim', '--config.rounds=4', '--config.local_epochs=1',
         '--config.model.base=2', '--config.phantom.image_size=16', '--config.phantom.num_sites=2',
         '--config.eval.batch_size=4', '--config.fisher.num_examples=4', '--config.fisher.chunk_size=2',
         '--config.spectral.ratio=0.1', '--config.checkpoint.every=1', '--config.checkpoint.keep=2']
@@ -127,7 +127,8 @@ def _start_and_signal(cmd, sig, when, timeout=600):
 
 def test_interrupt_kill_resume_equals_straight_run(tmp_path):
   """Ctrl-C writes a checkpoint and exits 130; SIGKILL loses nothing a checkpoint held;
-  resuming twice gives byte-identical results and per-round metrics to a straight run."""
+  resuming twice gives byte-identical results and per-round metrics to a straight run;
+  the report is rebuilt from the files alone."""
   import signal
   straight, broken = tmp_path / 'straight', tmp_path / 'broken'
   proc = subprocess.run(_main(straight), capture_output=True, text=True, timeout=900)
@@ -140,10 +141,10 @@ def test_interrupt_kill_resume_equals_straight_run(tmp_path):
   assert 'interrupted' in err and 'run the same command again to resume' in err
   assert not (run / 'result.json').exists()
   steps = sorted(int(d) for d in os.listdir(run / 'checkpoints') if d.isdigit())
-  assert steps and steps[-1] == _lines(metrics) - 1 < 5  # the round it stopped after
+  assert steps and steps[-1] == _lines(metrics) - 1 < 3  # the round it stopped after
 
   rc, err = _start_and_signal(_main(broken), signal.SIGKILL,
-                              lambda: _lines(metrics) >= steps[-1] + 3)
+                              lambda: _lines(metrics) >= steps[-1] + 2)
   assert rc == -signal.SIGKILL and not (run / 'result.json').exists()
   assert 'resuming after round' in err
 
@@ -154,18 +155,15 @@ def test_interrupt_kill_resume_equals_straight_run(tmp_path):
   assert 'PhantomA' in (broken / 'results.csv').read_text().splitlines()[0]
   assert not any(c in (broken / 'results.csv').read_text() for c in ('/', 'time', ':'))
 
-  # Done: running again trains nothing and rewrites the same table.
-  proc = subprocess.run(_main(broken), capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0 and 'finished earlier' in proc.stderr
-  assert (broken / 'results.csv').read_bytes() == (straight / 'results.csv').read_bytes()
-
   # The report was written at the end, and experiments/report.py rebuilds it from the files.
   for name in ('report.md', 'report.html', 'report/dice_curves.png', 'report/local_layers.png',
                'report/predictions.png'):
     (broken / name).unlink()
   proc = subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'report.py'),
-                         f'--workdir={broken}'], capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+                         f'--workdir={tmp_path / "nothing"}'], capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 1 and 'config.json not found' in proc.stderr
+  from pflresfim_jax import report
+  assert report.build(str(broken)) == str(broken / 'report.md')
   md = (broken / 'report.md').read_text()
   assert '| pfl_resfim |' in md and 'report/local_layers.png' in md and 'report/predictions.png' in md
   for png in ('dice_curves', 'local_layers', 'predictions'):

@@ -55,17 +55,26 @@ def resolve_client_axis(name: str, backend: Optional[str] = None) -> str:
   return 'vmap' if (backend or jax.default_backend()) == 'cpu' else 'map'
 
 
-def map_clients(fn: Callable, strategy: str, *stacked):
+def map_clients(fn: Callable, strategy: str, *stacked, mesh=None):
   """Apply ``fn`` to every client's slice of the stacked arguments.
 
   Args:
-    fn: per-client function of unstacked arguments.
+    fn: per-client function of unstacked arguments (it may close over traced values
+      of the enclosing jit: they are replicated).
     strategy: 'vmap' or 'map' (see module doc; resolve 'auto' first).
     *stacked: pytrees with a leading client axis ``K``.
+    mesh: optional Mesh with axis 'clients' (clients/sharding.py; ``K`` a multiple of
+      its size). With more than one device, each device runs its own ``K / D``
+      clients with ``strategy`` inside a ``shard_map``; no data crosses devices here.
 
   Returns:
     ``fn``'s outputs stacked along a leading ``K`` axis.
   """
+  if mesh is not None and mesh.size > 1:
+    from jax.sharding import PartitionSpec as P
+    spec = P(mesh.axis_names[0])
+    return jax.shard_map(lambda *local: map_clients(fn, strategy, *local), mesh=mesh,
+                         in_specs=spec, out_specs=spec, check_vma=False)(*stacked)
   if strategy == 'vmap':
     return jax.vmap(fn)(*stacked)
   if strategy == 'map':
