@@ -7,7 +7,7 @@ install:
 	$(PYTHON) -m pip install -q -e '.[test]'
 
 test: install
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n auto tests
 
 run: install
 	$(PYTHON) experiments/main.py --config=$(CONFIG)

@@ -196,9 +196,11 @@ def compile_method(config, fed: federation.Federation, method: str, mesh=None):
       leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
       return jax.vmap(lambda *xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(*leaves)
     ok = finite({'p': state['params'], 'v': state['personal']}) & jnp.isfinite(metrics['train_loss'])
-    return sharding.constrain(state, mesh), {**metrics, 'finite': ok}
+    return state, {**metrics, 'finite': ok}
+  # The state keeps its client axis split over the mesh from round to round (constant
+  # leaves included), so every round after the first reuses the compiled program.
   init = jax.jit(algo.init, out_shardings=sharding.split(mesh))
-  return init, jax.jit(checked_round, donate_argnums=(0,))
+  return init, jax.jit(checked_round, donate_argnums=(0,), out_shardings=(sharding.split(mesh), None))
 
 
 def _event_writer(config, run_dir: str):

@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pflresfim_jax import train
 from pflresfim_jax.clients import engine
 from fed_helpers import setup
 from helpers import random_batch, tiny_unet
@@ -67,17 +68,12 @@ def test_vmap_and_map_agree_and_round_compiles_once():
   # compared at a tiny lr; BN statistics, losses, masks and metrics carry each client's data.
   results = {}
   for axis in ('vmap', 'map'):
-    cfg, fed, algo, data, bank = setup('pfl_resfim', lr=1e-6, **{'engine.client_axis': axis})
-    traces = []
-
-    def counted(*args):
-      traces.append(1)
-      return algo.round(*args)
-    round_fn = jax.jit(counted)
-    state = jax.jit(algo.init)(jax.random.PRNGKey(0))
+    cfg, fed, _, data, bank = setup('pfl_resfim', lr=1e-6, **{'engine.client_axis': axis})
+    init_fn, round_fn = train.compile_method(cfg, fed, 'pfl_resfim')   # what the trainer runs
+    state = init_fn(jax.random.PRNGKey(0))
     for rnd in range(2):
       state, metrics = round_fn(state, data, bank, jax.random.PRNGKey(rnd), jnp.int32(rnd))
-    assert len(traces) == 1, 'the round function must not recompile after round 1'
+    assert round_fn._cache_size() == 1, 'the round function must not recompile after round 1'
     results[axis] = (state, metrics)
   (s_v, m_v), (s_m, m_m) = results['vmap'], results['map']
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),

@@ -59,3 +59,19 @@ def test_path_predicates():
   assert sorted(heads) == [('head', 'bias'), ('head', 'kernel')]
   bns = [models.path_keys(p) for p, _ in flags if models.is_bn(p)]
   assert len(bns) == 2 * 26 and all(k[-1] in ('scale', 'bias') for k in bns)
+
+
+def test_bf16_compute_keeps_float32_state():
+  """Mixed precision: bf16 compute, float32 parameters, statistics, logits and gradients."""
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3))
+  f32, b16 = models.UNet2D(base=2), models.UNet2D(base=2, dtype=jnp.bfloat16)
+  params, stats = models.init(b16, jax.random.PRNGKey(0), (16, 16, 3))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  out, upd = b16.apply({'params': params, 'batch_stats': stats}, x, train=True, mutable=['batch_stats'])
+  assert out.dtype == jnp.float32
+  assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(upd['batch_stats']))
+  ref = f32.apply({'params': params, 'batch_stats': stats}, x, train=False)
+  low = b16.apply({'params': params, 'batch_stats': stats}, x, train=False)
+  np.testing.assert_allclose(low, ref, atol=0.05 * float(jnp.abs(ref).max()) + 1e-3)
+  grads = jax.grad(lambda p: jnp.mean(b16.apply({'params': p, 'batch_stats': stats}, x)))(params)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))

@@ -5,11 +5,10 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pflresfim_jax.clients import engine, sharding
+from pflresfim_jax.clients import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -111,18 +111,21 @@ def _lines(path):
   return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def _start_and_signal(cmd, sig, when, timeout=600):
+def _start_and_signal(cmd, sig, when, log_path, timeout=600):
   """Start ``cmd``; send ``sig`` once ``when()`` holds; return (returncode, stderr)."""
-  import signal
   import time
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + timeout
-  while not when() and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.02)
-  assert proc.poll() is None, 'the run ended before it could be interrupted: ' + proc.stderr.read()[-2000:]
-  proc.send_signal(sig)
-  _, err = proc.communicate(timeout=timeout)
-  return proc.returncode, err
+  with open(log_path, 'w') as log:   # a file, not a pipe: a full pipe would stall the run
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    while not when() and proc.poll() is None and time.time() < deadline:
+      time.sleep(0.02)
+    ended_early = proc.poll() is not None
+    if not ended_early:
+      proc.send_signal(sig)
+    proc.wait(timeout=timeout)
+  out = open(log_path).read()
+  assert not ended_early, 'the run ended before it could be interrupted: ' + out[-2000:]
+  return proc.returncode, out
 
 
 def test_interrupt_kill_resume_equals_straight_run(tmp_path):
@@ -136,7 +139,8 @@ def test_interrupt_kill_resume_equals_straight_run(tmp_path):
   run = broken / 'pfl_resfim' / 'seed0'
   metrics = run / 'metrics.jsonl'
 
-  rc, err = _start_and_signal(_main(broken), signal.SIGINT, lambda: _lines(metrics) >= 1)
+  rc, err = _start_and_signal(_main(broken), signal.SIGINT, lambda: _lines(metrics) >= 1,
+                              tmp_path / 'int.log')
   assert rc == 130, err[-3000:]
   assert 'interrupted' in err and 'run the same command again to resume' in err
   assert not (run / 'result.json').exists()
@@ -144,7 +148,7 @@ def test_interrupt_kill_resume_equals_straight_run(tmp_path):
   assert steps and steps[-1] == _lines(metrics) - 1 < 3  # the round it stopped after
 
   rc, err = _start_and_signal(_main(broken), signal.SIGKILL,
-                              lambda: _lines(metrics) >= steps[-1] + 2)
+                              lambda: _lines(metrics) >= steps[-1] + 2, tmp_path / 'kill.log')
   assert rc == -signal.SIGKILL and not (run / 'result.json').exists()
   assert 'resuming after round' in err
 

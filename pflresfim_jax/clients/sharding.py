@@ -69,11 +69,6 @@ def put_clients(tree: PyTree, mesh: Mesh) -> PyTree:
   return jax.device_put(tree, split(mesh))
 
 
-def constrain(tree: PyTree, mesh: Mesh) -> PyTree:
-  """Inside jit: keep a stacked pytree's client axis split over the mesh."""
-  return jax.lax.with_sharding_constraint(tree, split(mesh))
-
-
 def abstract(tree: PyTree, sharding) -> PyTree:
   """ShapeDtypeStructs of ``tree`` carrying ``sharding`` (for restoring checkpoints)."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
