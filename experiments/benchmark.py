@@ -4,7 +4,12 @@ Measures on whatever backend JAX finds:
 * training images/s of one local step for K clients x batch B at size S, for each
   ``engine.client_axis`` strategy and precision;
 * per-example Fisher examples/s (``fisher.diagonal``) for several chunk sizes, against
-  a Python loop of batch-1 jitted gradients.
+  a Python loop of batch-1 jitted gradients;
+* one full round of a method (local training + ResFIM + aggregation + evaluation, the
+  trainer's own jitted round) on a Fed-Vessel-sized phantom, in seconds, for each
+  device count in --devices (fake CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=8),
+  and the protocol time it implies (compile + T rounds);
+* peak device memory (where the backend reports it).
 Writes JSON and a Markdown table with the device, versions and settings. ``--quick``
 uses a tiny model and images (a CI smoke test; its numbers mean little).
 """
@@ -20,8 +25,9 @@ from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from pflresfim_jax import fisher, losses, models  # noqa: E402
-from pflresfim_jax.clients import engine  # noqa: E402
+from pflresfim_jax import config as config_lib, fisher, losses, models, train  # noqa: E402
+from pflresfim_jax.clients import engine, sharding  # noqa: E402
+from pflresfim_jax.data import phantom  # noqa: E402
 
 flags.DEFINE_bool('quick', False, 'tiny sizes (CPU smoke test)')
 flags.DEFINE_integer('clients', 6, 'K')
@@ -30,6 +36,11 @@ flags.DEFINE_integer('size', 256, 'S')
 flags.DEFINE_integer('base', 16, 'UNet base width')
 flags.DEFINE_integer('repeats', 5, 'timed repetitions')
 flags.DEFINE_string('out', 'benchmark', 'output path stem (.json and .md)')
+flags.DEFINE_string('method', 'pfl_resfim', 'method of the full-round rows')
+flags.DEFINE_integer('images', 40, 'images per client for the full round (train ~56%: Fed-Vessel-sized)')
+flags.DEFINE_integer('rounds', 200, 'T for the protocol estimate')
+flags.DEFINE_string('devices', '1', "device counts for the full-round rows, e.g. '1,2,4,8'")
+flags.DEFINE_string('precision', 'fp32', 'precision of the full-round rows')
 FLAGS = flags.FLAGS
 
 
@@ -81,6 +92,30 @@ def fisher_rates(n, s, base, chunks, repeats):
   return out
 
 
+def full_round(k, s, base, images, method, precision, devices, repeats, rounds):
+  """Seconds of one round of the trainer's jitted round function, and its compile time."""
+  cfg = config_lib.base_config()
+  cfg.model.base, cfg.engine.precision, cfg.rounds, cfg.method = base, precision, rounds, method
+  cfg.phantom.image_size, cfg.phantom.num_sites = s, k
+  cfg = train.resolve(cfg)
+  fed = phantom.load(seed=0, image_size=s, num_sites=k, images_per_site=[images] * k)
+  mesh = sharding.client_mesh(devices)
+  data, bank = train.device_data(fed, mesh), train.build_bank(fed, cfg, mesh)
+  init_fn, round_fn = train.compile_method(cfg, fed, method, mesh)
+  key = jax.random.PRNGKey(0)
+  state = init_fn(key)
+  start = time.perf_counter()
+  state, metrics = round_fn(state, data, bank, key, jnp.int32(0))
+  jax.block_until_ready(metrics)
+  first = time.perf_counter() - start
+  start = time.perf_counter()
+  for r in range(1, repeats + 1):
+    state, metrics = round_fn(state, data, bank, jax.random.fold_in(key, r), jnp.int32(r))
+  jax.block_until_ready(metrics)
+  per_round = (time.perf_counter() - start) / repeats
+  return per_round, max(0.0, first - per_round), int(fed.train.counts.sum())
+
+
 def main(argv):
   del argv
   k, b, s, base, reps = FLAGS.clients, FLAGS.batch, FLAGS.size, FLAGS.base, FLAGS.repeats
@@ -97,12 +132,25 @@ def main(argv):
   n = 8 if not FLAGS.quick else 4
   for name, rate in fisher_rates(n, s, base, (1, 4, 8) if not FLAGS.quick else (2, 4), reps).items():
     rows.append({'what': f'per-example Fisher, {name} ({n} examples)', 'unit': 'examples/s', 'value': rate})
+  images = 8 if FLAGS.quick else FLAGS.images
+  for d in [int(x) for x in FLAGS.devices.split(',')]:
+    per_round, compile_s, n_train = full_round(k, s, base, images, FLAGS.method, FLAGS.precision, d,
+                                               reps, FLAGS.rounds)
+    what = f'full round, {FLAGS.method}, {FLAGS.precision}, {d} device(s), {n_train} train images'
+    rows.append({'what': what, 'unit': 's', 'value': per_round})
+    rows.append({'what': f'protocol estimate: compile {compile_s:.0f} s + {FLAGS.rounds} rounds, '
+                         f'{d} device(s)', 'unit': 'min', 'value': (compile_s + FLAGS.rounds * per_round) / 60})
+  stats = dev.memory_stats() or {}
+  info['peak_memory_bytes'] = stats.get('peak_bytes_in_use')
   result = {'info': info, 'rows': rows}
   with open(FLAGS.out + '.json', 'w') as f:
     json.dump(result, f, indent=2)
-  md = [f'Device: {info["device"]}; JAX {info["jax"]}; K={k}, B={b}, S={s}, UNet base {base}', '',
+  peak = info['peak_memory_bytes']
+  md = [f'Device: {info["device"]}; JAX {info["jax"]}; K={k}, B={b}, S={s}, UNet base {base}; '
+        f'peak device memory: {"n/a on this backend" if peak is None else f"{peak / 2**30:.2f} GiB"}', '',
         '| measurement | value |', '|---|---|']
-  md += [f'| {r["what"]} | {r["value"]:.1f} {r["unit"]} |' for r in rows]
+  md += [f'| {r["what"]} | {r["value"]:.{2 if r["unit"] in ("s", "min") else 1}f} {r["unit"]} |'
+         for r in rows]
   with open(FLAGS.out + '.md', 'w') as f:
     f.write('\n'.join(md) + '\n')
   print('\n'.join(md))

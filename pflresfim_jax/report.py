@@ -106,7 +106,7 @@ def local_layers(records: List[dict], clients: List[str], method: str, path: str
     ax.set_yticks(range(len(layers)))
     ax.set_yticklabels(layers, fontsize=6)
     ax.set_xticks(range(len(xlabels)))
-    ax.set_xticklabels(xlabels, fontsize=7, rotation=90 if len(xlabels) > 12 else 0)
+    ax.set_xticklabels(xlabels, fontsize=7, rotation=90 if len(xlabels) > 12 else (45 if len(xlabels) > 3 else 0))
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.04)
   b.set_xlabel('round')
