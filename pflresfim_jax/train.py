@@ -8,6 +8,7 @@ and written as Markdown and CSV.
 """
 from __future__ import annotations
 
+import glob
 import importlib
 import json
 import logging
@@ -379,7 +380,7 @@ def results_table(clients: Sequence[str], rows: Dict[str, List[np.ndarray]]) -> 
 def prepare_workdir(config, workdir: str) -> str:
   """Check ``workdir`` before any training; returns the folder the run will use.
 
-  A workdir that already holds a run (its config.json) is resumed when the configs
+  A workdir that already holds a run (config.json and some metrics) is resumed when the configs
   agree on every field that changes results (checkpoint.RESUME_IGNORES aside);
   otherwise this raises naming the differing fields. With ``config.resume=False``
   the run starts fresh in ``<workdir>/run-<n>`` and nothing old is touched.
@@ -387,7 +388,10 @@ def prepare_workdir(config, workdir: str) -> str:
   checkpoint.check_writable(workdir)
   saved_path = os.path.join(workdir, 'config.json')
   now = json.loads(config.to_json_best_effort())
-  if os.path.exists(saved_path):
+  # Only a workdir with training output counts as a run (a config.json left by a run
+  # that stopped on a data or config error is simply replaced).
+  trained = glob.glob(os.path.join(workdir, '*', 'seed*', 'metrics.jsonl'))
+  if os.path.exists(saved_path) and trained:
     if not config.resume:
       workdir = checkpoint.fresh_subfolder(workdir)
       log.warning('config.resume=false: starting a fresh run in %s', workdir)

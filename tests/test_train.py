@@ -180,9 +180,14 @@ def test_interrupt_kill_resume_equals_straight_run(tmp_path):
 def test_workdir_with_another_config_is_refused(tmp_path, capsys):
   a = config_lib.base_config()
   train.prepare_workdir(train.resolve(a), str(tmp_path))
-  saved = (tmp_path / 'config.json').read_text()
   b = config_lib.base_config()
   b.rounds, b.lr = 20, 0.01
+  # No training output yet (e.g. the first try stopped on a data error): replaced.
+  assert train.prepare_workdir(train.resolve(b), str(tmp_path)) == str(tmp_path)
+  train.prepare_workdir(train.resolve(a), str(tmp_path))
+  saved = (tmp_path / 'config.json').read_text()
+  (tmp_path / 'pfl_resfim' / 'seed0').mkdir(parents=True)
+  (tmp_path / 'pfl_resfim' / 'seed0' / 'metrics.jsonl').write_text('{}\n')
   with pytest.raises(ValueError) as e:
     train.prepare_workdir(train.resolve(b), str(tmp_path))
   assert 'rounds: 12 in the workdir, 20 now' in str(e.value) and 'lr: 0.001' in str(e.value)
