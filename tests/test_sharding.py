@@ -42,7 +42,8 @@ for method, axis, devices in [('pfl_resfim', 'vmap', 1), ('pfl_resfim', 'vmap', 
   cfg = tiny_config(method=method, rounds=2, lr=1e-6, **{'engine.client_axis': axis})
   fed = tiny_fed(16, 3)
   mesh = sharding.client_mesh(devices)
-  workdir = f'{sys.argv[1]}/{method}-{axis}-{devices}'
+  base = f'{sys.argv[1]}/{method}-{axis}-{devices}'
+  workdir = f'{base}/{method}/seed0'
   res = train.run_one(cfg, fed, method, 0, workdir, mesh=mesh)
   lines = [json.loads(l) for l in open(workdir + '/metrics.jsonl')]
   from pflresfim_jax import checkpoint
@@ -56,6 +57,9 @@ for method, axis, devices in [('pfl_resfim', 'vmap', 1), ('pfl_resfim', 'vmap', 
   params = np.concatenate([np.asarray(x)[:3].ravel() for x in jax.tree.leaves(saved['fed']['params'])])
   np.save(f'{workdir}/params.npy', params)
   np.save(f'{workdir}/mask.npy', np.concatenate([np.asarray(x)[:3].ravel() for x in jax.tree.leaves(saved['fed']['local_mask'])]))
+  if devices == 8:   # the report restores the padded, 8-way sharded checkpoint on one device
+    from pflresfim_jax import report
+    assert report.predictions(base, cfg, fed, method, 0, base + '/pred.png', 1)
   out[f'{method}-{axis}-{devices}'] = {'test_dice': res['test_dice'].tolist(), 'rounds': lines,
                                        'params': f'{workdir}/params.npy'}
 json.dump(out, open(sys.argv[1] + '/out.json', 'w'))
@@ -78,6 +82,7 @@ def test_sharded_clients_match_one_device(tmp_path):
   for method, axis, d in (('pfl_resfim', 'vmap', 8), ('fedavg', 'map', 2)):
     one, many = out[f'{method}-{axis}-1'], out[f'{method}-{axis}-{d}']
     assert len(many['test_dice']) == 3          # padded clients never reach the results
+    assert d != 8 or (tmp_path / f'{method}-{axis}-{d}' / 'pred.png').stat().st_size > 0
     np.testing.assert_allclose(np.load(many['params']), np.load(one['params']), atol=1e-5)
     mask_1, mask_d = (np.load(r['params'].replace('params.npy', 'mask.npy')) for r in (one, many))
     assert np.mean(mask_1 == mask_d) > 0.99
