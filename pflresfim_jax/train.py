@@ -302,6 +302,9 @@ def run_one(config, fed: federation.Federation, method: str, seed: int, workdir:
   try:
     with open(metrics_path, 'a') as out:
       for rnd in range(start, config.rounds):
+        if stop is not None and stop.requested:   # asked during an earlier method or seed
+          raise Interrupted(f'{method} seed {seed}: stopped before round {rnd}; run the same '
+                            'command again to resume')
         state, metrics = round_fn(state, data, bank, jax.random.fold_in(k_run, rnd), jnp.int32(rnd))
         m = jax.tree.map(lambda v: np.asarray(v)[:k], metrics)  # padded clients dropped
         if not m['finite'].all():
