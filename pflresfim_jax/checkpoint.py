@@ -72,6 +72,16 @@ class Checkpointer:
         meta=ocp.args.JsonRestore()))
     return got['state'], got['bank'], got['meta']
 
+  def restore_state(self, abstract_state: PyTree, step: Optional[int] = None
+                    ) -> Tuple[PyTree, Dict[str, Any]]:
+    """``(state, meta)`` of checkpoint ``step`` without its bank (what a report needs)."""
+    step = self.latest() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {self.directory}')
+    got = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    return got['state'], got['meta']
+
   def meta(self, step: Optional[int] = None) -> Dict[str, Any]:
     """Only the JSON bookkeeping of checkpoint ``step`` (default: the latest)."""
     step = self.latest() if step is None else step

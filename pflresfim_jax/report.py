@@ -137,10 +137,9 @@ def predictions(workdir: str, config, fed, method: str, seed: int, path: str,
     algo = methods.build(method, ctx)
     one = sharding.replicated(sharding.client_mesh(1))
     key = jax.random.PRNGKey(0)
-    bank = train.build_bank(fed, config)
     abstract = {'fed': sharding.abstract(jax.eval_shape(algo.init, key), one),
                 'key': sharding.abstract(key, one)}
-    saved, _, meta = ckpt.restore(abstract, sharding.abstract(bank, one))
+    saved, meta = ckpt.restore_state(abstract)
   finally:
     ckpt.close()
   n = max(1, min(examples, int(fed.test.counts.min())))

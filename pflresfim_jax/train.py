@@ -285,6 +285,14 @@ def run_one(config, fed: federation.Federation, method: str, seed: int, workdir:
     best_val, best_round, recorded = np.full(k, -1.0, np.float32), np.full(k, -1), {}
     _keep_lines(metrics_path, 0)
   else:
+    slots = int(ckpt.meta(start).get('clients_padded', sharding.padded_clients(k, mesh)))
+    if slots != sharding.padded_clients(k, mesh):
+      ckpt.close()
+      raise ValueError(
+          f'{ckpt.directory} holds {slots} client slots ({k} clients padded for the devices it '
+          f'ran on), but {mesh.size} device(s) pad them to {sharding.padded_clients(k, mesh)}: '
+          'resume with config.engine.devices set to a count that pads to the same number, or '
+          'start fresh with --config.resume=false')
     abstract = {'fed': sharding.abstract(jax.eval_shape(init_fn, k_init), sharding.split(mesh)),
                 'key': sharding.abstract(k_run, sharding.replicated(mesh))}
     saved, bank, meta = ckpt.restore(abstract, sharding.abstract(bank, sharding.replicated(mesh)))

@@ -60,6 +60,14 @@ for method, axis, devices in [('pfl_resfim', 'vmap', 1), ('pfl_resfim', 'vmap', 
   if devices == 8:   # the report restores the padded, 8-way sharded checkpoint on one device
     from pflresfim_jax import report
     assert report.predictions(base, cfg, fed, method, 0, base + '/pred.png', 1)
+    import os
+    os.rename(workdir + '/result.json', workdir + '/result.json.bak')
+    try:               # resuming on 1 device (3 slots instead of 8) is refused clearly
+      train.run_one(cfg, fed, method, 0, workdir, mesh=sharding.client_mesh(1))
+      raise SystemExit('resume on another slot count was not refused')
+    except ValueError as e:
+      assert 'holds 8 client slots' in str(e) and 'pad them to 3' in str(e), e
+    os.rename(workdir + '/result.json.bak', workdir + '/result.json')
   out[f'{method}-{axis}-{devices}'] = {'test_dice': res['test_dice'].tolist(), 'rounds': lines,
                                        'params': f'{workdir}/params.npy'}
 json.dump(out, open(sys.argv[1] + '/out.json', 'w'))
