@@ -61,33 +61,29 @@ class Checkpointer:
         meta=ocp.args.JsonSave(meta)))
     self._manager.wait_until_finished()
 
-  def restore(self, abstract_state: PyTree, abstract_bank: PyTree,
-              step: Optional[int] = None) -> Tuple[PyTree, PyTree, Dict[str, Any]]:
-    """``(state, bank, meta)`` of checkpoint ``step`` (default: the latest)."""
+  def _restore(self, step: Optional[int], **items) -> Dict[str, Any]:
     step = self.latest() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {self.directory}')
-    got = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), bank=ocp.args.StandardRestore(abstract_bank),
-        meta=ocp.args.JsonRestore()))
+    return self._manager.restore(step, args=ocp.args.Composite(**items))
+
+  def restore(self, abstract_state: PyTree, abstract_bank: PyTree,
+              step: Optional[int] = None) -> Tuple[PyTree, PyTree, Dict[str, Any]]:
+    """``(state, bank, meta)`` of checkpoint ``step`` (default: the latest)."""
+    got = self._restore(step, state=ocp.args.StandardRestore(abstract_state),
+                        bank=ocp.args.StandardRestore(abstract_bank), meta=ocp.args.JsonRestore())
     return got['state'], got['bank'], got['meta']
 
   def restore_state(self, abstract_state: PyTree, step: Optional[int] = None
                     ) -> Tuple[PyTree, Dict[str, Any]]:
     """``(state, meta)`` of checkpoint ``step`` without its bank (what a report needs)."""
-    step = self.latest() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'no checkpoint in {self.directory}')
-    got = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    got = self._restore(step, state=ocp.args.StandardRestore(abstract_state),
+                        meta=ocp.args.JsonRestore())
     return got['state'], got['meta']
 
   def meta(self, step: Optional[int] = None) -> Dict[str, Any]:
     """Only the JSON bookkeeping of checkpoint ``step`` (default: the latest)."""
-    step = self.latest() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'no checkpoint in {self.directory}')
-    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    return self._restore(step, meta=ocp.args.JsonRestore())['meta']
 
   def close(self) -> None:
     self._manager.close()
