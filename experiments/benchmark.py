@@ -40,7 +40,9 @@ flags.DEFINE_string('method', 'pfl_resfim', 'method of the full-round rows')
 flags.DEFINE_integer('images', 40, 'images per client for the full round (train ~56%: Fed-Vessel-sized)')
 flags.DEFINE_integer('rounds', 200, 'T for the protocol estimate')
 flags.DEFINE_string('devices', '1', "device counts for the full-round rows, e.g. '1,2,4,8'")
-flags.DEFINE_string('precision', 'fp32', 'precision of the full-round rows')
+flags.DEFINE_string('precision', 'fp32', "precision(s) of the full-round rows, e.g. 'fp32,bf16'")
+flags.DEFINE_multi_string('set', [], "config overrides for the full-round rows, e.g. --set=fisher.chunk_size=1")
+flags.DEFINE_string('parts', 'step,fisher,round', 'which groups of rows to measure')
 FLAGS = flags.FLAGS
 
 
@@ -97,6 +99,14 @@ def full_round(k, s, base, images, method, precision, devices, repeats, rounds):
   cfg = config_lib.base_config()
   cfg.model.base, cfg.engine.precision, cfg.rounds, cfg.method = base, precision, rounds, method
   cfg.phantom.image_size, cfg.phantom.num_sites = s, k
+  for item in FLAGS.set:
+    field, _, value = item.partition('=')
+    node, *path = field.split('.')
+    target = cfg
+    for part in [node, *path][:-1]:
+      target = target[part]
+    leaf = field.split('.')[-1]
+    target[leaf] = type(target[leaf])(value)
   cfg = train.resolve(cfg)
   fed = phantom.load(seed=0, image_size=s, num_sites=k, images_per_site=[images] * k)
   mesh = sharding.client_mesh(devices)
@@ -125,21 +135,26 @@ def main(argv):
   info = {'device': f'{dev.platform}: {getattr(dev, "device_kind", "")}', 'jax': jax.__version__,
           'python': platform.python_version(), 'clients': k, 'batch': b, 'size': s, 'base': base}
   rows = []
-  for strategy in ('vmap', 'map'):
+  parts = set(FLAGS.parts.split(','))
+  for strategy in ('vmap', 'map') if 'step' in parts else ():
     for precision in ('fp32', 'bf16'):
       rate = train_step_rate(k, b, s, base, strategy, precision, reps)
       rows.append({'what': f'train step, client_axis={strategy}, {precision}', 'unit': 'images/s', 'value': rate})
   n = 8 if not FLAGS.quick else 4
-  for name, rate in fisher_rates(n, s, base, (1, 4, 8) if not FLAGS.quick else (2, 4), reps).items():
+  chunks = (1, 4, 8) if not FLAGS.quick else (2, 4)
+  for name, rate in (fisher_rates(n, s, base, chunks, reps) if 'fisher' in parts else {}).items():
     rows.append({'what': f'per-example Fisher, {name} ({n} examples)', 'unit': 'examples/s', 'value': rate})
   images = 8 if FLAGS.quick else FLAGS.images
-  for d in [int(x) for x in FLAGS.devices.split(',')]:
-    per_round, compile_s, n_train = full_round(k, s, base, images, FLAGS.method, FLAGS.precision, d,
-                                               reps, FLAGS.rounds)
-    what = f'full round, {FLAGS.method}, {FLAGS.precision}, {d} device(s), {n_train} train images'
-    rows.append({'what': what, 'unit': 's', 'value': per_round})
-    rows.append({'what': f'protocol estimate: compile {compile_s:.0f} s + {FLAGS.rounds} rounds, '
-                         f'{d} device(s)', 'unit': 'min', 'value': (compile_s + FLAGS.rounds * per_round) / 60})
+  for precision in FLAGS.precision.split(',') if 'round' in parts else ():
+    for d in [int(x) for x in FLAGS.devices.split(',')]:
+      per_round, compile_s, n_train = full_round(k, s, base, images, FLAGS.method, precision, d,
+                                                 reps, FLAGS.rounds)
+      what = (f'full round, {FLAGS.method}, {precision}, {d} device(s), {n_train} train images'
+              + ''.join(f', {item}' for item in FLAGS.set))
+      rows.append({'what': what, 'unit': 's', 'value': per_round})
+      rows.append({'what': f'protocol estimate: compile {compile_s:.0f} s + {FLAGS.rounds} rounds, '
+                           f'{precision}, {d} device(s)', 'unit': 'min',
+                   'value': (compile_s + FLAGS.rounds * per_round) / 60})
   stats = dev.memory_stats() or {}
   info['peak_memory_bytes'] = stats.get('peak_bytes_in_use')
   result = {'info': info, 'rows': rows}
