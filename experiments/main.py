@@ -21,6 +21,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
+  if config.distributed:   # before any other JAX call
+    from pflresfim_jax import distributed
+    distributed.initialize(config)
   workdir = _WORKDIR.value or train.default_workdir(config)
   cli.run(train.train_and_evaluate, config, workdir)
 

@@ -78,6 +78,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.engine.precision = 'fp32'
   c.engine.devices = 'auto'      # devices the client axis is split over: 'auto' (all) or an int
 
+  # Many processes, one simulation (pflresfim_jax/distributed.py): every process runs
+  # the same command; empty / -1 cluster fields are auto-detected (TPU pods, Slurm, MPI).
+  c.distributed = False
+  c.cluster = ml_collections.ConfigDict()
+  c.cluster.coordinator_address = ''   # 'host:port' of process 0
+  c.cluster.num_processes = 0          # 0: auto-detect
+  c.cluster.process_id = -1            # -1: auto-detect
+  c.cluster.local_device_ids = ''      # e.g. '0,1': this process's devices; '': all
+
   c.resume = True                # re-running into a workdir resumes it; False: a fresh run in <workdir>/run-<n>
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 10        # rounds between checkpoints (the last round always gets one)

@@ -48,12 +48,24 @@ class Algorithm(NamedTuple):
   server(state, start_params, data, bank, key, rnd) -> (state, info)
   predict(state, images [K, N, H, W, C]) -> logits [K, N, H, W, 1] of the model each
     client uses (Ditto: its personal model; FedRoD: generic + personal head)
+
+  ``server`` is ``stats`` (what each client computes on its own data after training)
+  then ``aggregate`` (what the server computes from what the clients send), so a real
+  deployment (pflresfim_jax/flower.py) runs the same two halves on either side:
+  stats(state, start_params, train_data, bank, client_keys [K], rnd, client_ids [K])
+    -> (state with its new 'local_mask', agg_mask: bool like 'params', True = the
+       entry takes no part in this round's mean)
+  aggregate(state, agg_mask, weights [K], rnd) -> (state, info)
+  evaluate(state, data) -> {'val': {...}, 'test': {...}} per client
   """
   init: Callable[[Array], Dict[str, PyTree]]
   round: Callable[..., Tuple[Dict[str, PyTree], Dict[str, Array]]]
   local: Callable[..., Tuple[Dict[str, PyTree], Array]]
   server: Callable[..., Tuple[Dict[str, PyTree], Dict[str, Array]]]
   predict: Callable[[Dict[str, PyTree], Array], Array]
+  stats: Callable[..., Tuple[Dict[str, PyTree], PyTree]]
+  aggregate: Callable[..., Tuple[Dict[str, PyTree], Dict[str, Array]]]
+  evaluate: Callable[..., Dict[str, Dict[str, Array]]]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -212,7 +224,7 @@ def build(name: str, ctx: Context) -> Algorithm:
     return new, loss
 
   # ---------------------------------------------------------------- server
-  def resfim_masks(state, data, bank, key):
+  def resfim_masks(state, data, bank, keys, client_ids):
     f = cfg.fisher
     nmax = data['image'].shape[1]
     m = min(int(f.num_examples), nmax)
@@ -229,16 +241,13 @@ def build(name: str, ctx: Context) -> Algorithm:
                           loss=f.loss, kind=cfg.resfim.residual, chunk_size=f.chunk_size,
                           eps=cfg.resfim.eps, unroll=unroll)
       return resfim.partition(r, cfg.resfim.ratio, cfg.resfim.scope)
-    keys = jax.random.split(key, k_clients)
     # The (small) bank goes to every client as an argument, not a closure: inside a
     # shard_map over devices a closed-over sharded array cannot be indexed.
-    return over_clients(one, state['params'], state['batch_stats'], data, keys,
-                        jnp.arange(k_clients), _stack(bank, k_clients))
+    return over_clients(one, state['params'], state['batch_stats'], data, keys, client_ids,
+                        _stack(bank, k_clients))
 
-  def fedcac(state, start, weights, rnd):
+  def fedcac(params, crit, weights, rnd):
     c = cfg.fedcac
-    sens = jax.tree.map(lambda new, old: jnp.abs((new - old) * new), state['params'], start)
-    crit = jax.vmap(lambda s: masks.top_fraction(s, c.tau, 'tensor'))(sens)
     both = sum(jnp.einsum('i...,j...->ij', m.reshape(k_clients, -1).astype(jnp.float32),
                           m.reshape(k_clients, -1).astype(jnp.float32))
                for m in jax.tree.leaves(crit))
@@ -249,42 +258,53 @@ def build(name: str, ctx: Context) -> Algorithm:
     hi = jnp.max(jnp.where(pair, overlap, -jnp.inf))
     threshold = lo + (hi - lo) * rnd.astype(jnp.float32) / c.beta
     collab = ((overlap >= threshold) & pair) | jnp.eye(k_clients, dtype=bool)
-    shared = aggregate.fedavg(state['params'], weights)
-    grouped = aggregate.group_mean(state['params'], collab, weights)
-    params = jax.tree.map(lambda m, g, s: jnp.where(m, g, s), crit, grouped, shared)
-    return params, crit, collab
+    shared = aggregate.fedavg(params, weights)
+    grouped = aggregate.group_mean(params, collab, weights)
+    return jax.tree.map(lambda m, g, s: jnp.where(m, g, s), crit, grouped, shared), collab
 
-  def server(state, start, data, bank, key, rnd):
-    weights = data['train']['count'].astype(jnp.float32)
+  def stats(state, start, train_data, bank, keys, rnd, client_ids):
+    """Client side of the server step: each client's new mask from its own data."""
+    if name == 'fedcac':
+      # Critical entries: the tau fraction with the largest |update * new value|.
+      sens = jax.tree.map(lambda new, old: jnp.abs((new - old) * new), state['params'], start)
+      crit = jax.vmap(lambda s: masks.top_fraction(s, cfg.fedcac.tau, 'tensor'))(sens)
+      return {**state, 'local_mask': crit}, crit
+    mask = state['local_mask']
+    if name == 'pfl_resfim':
+      rc = cfg.resfim
+      due = (rnd >= rc.warmup_rounds) & ((rnd - rc.warmup_rounds) % rc.every == 0)
+      fresh = lambda: resfim_masks(state, train_data, bank, keys, client_ids)
+      if unroll:
+        # XLA:CPU is slow on gradients inside a conditional's branch (as in loops):
+        # estimate every round and select.
+        mask = _where_tree(due, fresh(), mask)
+      else:
+        mask = jax.lax.cond(due, fresh, lambda: mask)
+      # Warm-up rounds are plain FedAvg; the mask is kept for later rounds.
+      state = {**state, 'local_mask': mask}
+      mask = _where_tree(rnd < rc.warmup_rounds, jax.tree.map(jnp.zeros_like, mask), mask)
+    return state, mask
+
+  def aggregate_fn(state, agg_mask, weights, rnd):
+    """Server side: pure over the stacked clients (absent clients have weight 0)."""
     info = {}
-    if name == 'local':
-      pass
-    elif name == 'fedcac':
-      params, crit, collab = fedcac(state, start, weights, rnd)
-      state = {**state, 'params': params, 'local_mask': crit}
+    if name == 'fedcac':
+      params, collab = fedcac(state['params'], agg_mask, weights, rnd)
+      state = {**state, 'params': params}
       info['collaborators'] = collab.sum(1)
-    else:
-      mask = state['local_mask']
-      if name == 'pfl_resfim':
-        rc = cfg.resfim
-        due = (rnd >= rc.warmup_rounds) & ((rnd - rc.warmup_rounds) % rc.every == 0)
-        if unroll:
-          # XLA:CPU is slow on gradients inside a conditional's branch (as in loops):
-          # estimate every round and select.
-          mask = _where_tree(due, resfim_masks(state, data['train'], bank, key), mask)
-        else:
-          mask = jax.lax.cond(due, lambda: resfim_masks(state, data['train'], bank, key),
-                              lambda: mask)
-        # Warm-up rounds are plain FedAvg; the mask is kept for later rounds.
-        state = {**state, 'local_mask': mask}
-        mask = _where_tree(rnd < rc.warmup_rounds, jax.tree.map(jnp.zeros_like, mask), mask)
-      state = {**state, 'params': aggregate.masked_mean(state['params'], mask, weights)}
+    elif name != 'local':
+      state = {**state, 'params': aggregate.masked_mean(state['params'], agg_mask, weights)}
     if name in SHARED_STATS:
       state = {**state, 'batch_stats': aggregate.fedavg(state['batch_stats'], weights)}
     info['local_fraction'] = jax.vmap(masks.fraction_true)(state['local_mask'])
     if name in DYNAMIC_MASKS:
       info['layer_fraction'] = jax.vmap(masks.module_fractions)(state['local_mask'])
     return state, info
+
+  def server(state, start, data, bank, key, rnd):
+    state, agg_mask = stats(state, start, data['train'], bank, jax.random.split(key, k_clients),
+                            rnd, jnp.arange(k_clients))
+    return aggregate_fn(state, agg_mask, data['train']['count'].astype(jnp.float32), rnd)
 
   # ---------------------------------------------------------------- evaluation
   def predictor(params, stats, personal):
@@ -321,4 +341,4 @@ def build(name: str, ctx: Context) -> Algorithm:
       return predictor(params, stats, personal)(x)
     return over_clients(one, state['params'], state['batch_stats'], state['personal'], images)
 
-  return Algorithm(init, round_fn, train, server, predict)
+  return Algorithm(init, round_fn, train, server, predict, stats, aggregate_fn, evaluate)

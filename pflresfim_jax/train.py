@@ -119,7 +119,8 @@ def build_bank(fed: federation.Federation, config, mesh=None) -> Dict[str, jax.A
   bank, owner = jnp.asarray(np.concatenate(windows)), jnp.asarray(np.concatenate(owner))
   if config.spectral.share == 'client_mean':
     bank, owner = spectral.client_mean_bank(bank, owner, fed.num_clients)
-  return jax.device_put({'windows': bank, 'owner': owner},
+  # Host arrays: under jax.distributed each process places its own devices' copies.
+  return jax.device_put({'windows': np.asarray(bank), 'owner': np.asarray(owner)},
                         sharding.replicated(mesh or sharding.client_mesh(1)))
 
 
@@ -201,7 +202,9 @@ def compile_method(config, fed: federation.Federation, method: str, mesh=None):
   # The state keeps its client axis split over the mesh from round to round (constant
   # leaves included), so every round after the first reuses the compiled program.
   init = jax.jit(algo.init, out_shardings=sharding.split(mesh))
-  return init, jax.jit(checked_round, donate_argnums=(0,), out_shardings=(sharding.split(mesh), None))
+  # Metrics come back replicated: every process (jax.distributed) can read them.
+  return init, jax.jit(checked_round, donate_argnums=(0,),
+                       out_shardings=(sharding.split(mesh), sharding.replicated(mesh)))
 
 
 def _event_writer(config, run_dir: str):
@@ -219,7 +222,14 @@ def _event_writer(config, run_dir: str):
   return None
 
 
+def _main_process() -> bool:
+  """Only process 0 writes files (jax.distributed runs; always true on one process)."""
+  return jax.process_index() == 0
+
+
 def _write_atomic(path: str, text: str) -> None:
+  if not _main_process():
+    return
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
     f.write(text)
@@ -305,10 +315,12 @@ def run_one(config, fed: federation.Federation, method: str, seed: int, workdir:
   start = 0 if start is None else start + 1
   mesh_clients = sharding.padded_clients(k, mesh)
   half = config.rounds // 2
-  writer = _event_writer(config, workdir)
-  progress = Progress(config.rounds, f'{method} seed {seed}')
+  main = _main_process()
+  writer = _event_writer(config, workdir) if main else None
+  progress = Progress(config.rounds, f'{method} seed {seed}', stream=sys.stderr if main else open(os.devnull, 'w'))
+  last_val = None
   try:
-    with open(metrics_path, 'a') as out:
+    with open(metrics_path if main else os.devnull, 'a') as out:
       for rnd in range(start, config.rounds):
         if stop is not None and stop.requested:   # asked during an earlier method or seed
           raise Interrupted(f'{method} seed {seed}: stopped before round {rnd}; run the same '
@@ -324,7 +336,7 @@ def run_one(config, fed: federation.Federation, method: str, seed: int, workdir:
               + (f'(after round {last}) is kept in {ckpt.directory}' if last is not None else
                  'does not exist (no round finished cleanly)')
               + '; lower config.lr or check the data')
-        val_dice = m['val']['dice']
+        val_dice = last_val = m['val']['dice']
         if rnd >= half:
           better = val_dice > best_val
           best_val = np.where(better, val_dice, best_val)
@@ -354,9 +366,10 @@ def run_one(config, fed: federation.Federation, method: str, seed: int, workdir:
       writer.close()
   result = {f'test_{n}': 100 * v for n, v in recorded.items()}
   result['best_round'] = best_round
-  with open(metrics_path) as f:
-    last = json.loads(f.read().splitlines()[-1])
-  result['final_val_dice'] = 100 * np.asarray(last['val']['dice'], np.float32)
+  if last_val is None:   # nothing left to train after a resume: the file has it
+    with open(metrics_path) as f:
+      last_val = json.loads(f.read().splitlines()[-1])['val']['dice']
+  result['final_val_dice'] = 100 * np.asarray(last_val, np.float32)
   _write_atomic(done, json.dumps({n: v.tolist() for n, v in result.items()}))
   return result
 
@@ -396,7 +409,11 @@ def prepare_workdir(config, workdir: str) -> str:
   otherwise this raises naming the differing fields. With ``config.resume=False``
   the run starts fresh in ``<workdir>/run-<n>`` and nothing old is touched.
   """
-  checkpoint.check_writable(workdir)
+  if jax.process_count() > 1 and not config.resume:
+    raise ValueError('config.resume=false picks a fresh run-<n> folder per process; with '
+                     'config.distributed pass a new --workdir instead')
+  if _main_process():
+    checkpoint.check_writable(workdir)
   saved_path = os.path.join(workdir, 'config.json')
   now = json.loads(config.to_json_best_effort())
   # Only a workdir with training output counts as a run (a config.json left by a run
@@ -456,7 +473,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     for method in parse_methods(config.method):
       compiled = compile_method(config, fed, method, mesh)
       state_bytes = checkpoint.tree_bytes(jax.eval_shape(compiled[0], jax.random.PRNGKey(0)))
-      checkpoint.check_writable(workdir, len(seeds) * (config.checkpoint.keep + 1) * state_bytes)
+      if _main_process():
+        checkpoint.check_writable(workdir, len(seeds) * (config.checkpoint.keep + 1) * state_bytes)
       per_seed = [run_one(config, fed, method, seed, os.path.join(workdir, method, f'seed{seed}'),
                           data, bank, compiled, stop, mesh) for seed in seeds]
       rows[method] = [r['test_dice'] for r in per_seed]
@@ -464,11 +482,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       tables = results_table(fed.clients, rows)  # rewritten after every method: partial results survive
       for ext in ('md', 'csv'):
         _write_atomic(os.path.join(workdir, f'results.{ext}'), tables[ext])
+  if not _main_process():
+    return {'workdir': workdir, 'clients': list(fed.clients), 'methods': results, 'tables': tables}
   print(f'\nTest Dice (%) per client, recorded at the best val Dice of rounds '
         f'{config.rounds // 2}..{config.rounds - 1}:\n')
   print(tables['md'])
   written = [os.path.join(workdir, 'results.md'), 'results.csv', '<method>/seed<k>/metrics.jsonl']
-  if config.report.enabled:
+  if config.report.enabled and jax.process_count() > 1:
+    log.warning('report skipped in a multi-process run: draw it on one process with '
+                'python experiments/report.py --workdir=%s', workdir)
+  elif config.report.enabled:
     from pflresfim_jax import report  # matplotlib only when a report is drawn
     written.insert(1, os.path.basename(report.build(workdir, config=config, fed=fed)))
   print('written: ' + ', '.join(written))

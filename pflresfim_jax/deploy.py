@@ -1,0 +1,571 @@
+"""One round of a method split into what each hospital and what the server compute.
+
+The simulator (methods.py) runs a round as one program over the stacked clients.
+A real federation runs the same pure functions on two sides of a wire:
+
+* a :class:`Hospital` holds one client's data and state (parameters, optimizer
+  state, personal leaves, masks) in its own folder; it trains, computes its masks
+  (ResFIM for pfl_resfim) and sends only the entries that take part in the mean;
+* the :class:`Server` stacks what arrives along the client axis (absent clients get
+  weight 0), runs the method's ``aggregate`` and returns to each client the values of
+  the entries it must replace.
+
+Messages are flat dicts of numpy arrays keyed by pytree path (``'params/Conv_0/kernel'``);
+masks travel bit-packed. pflresfim_jax/flower.py carries these dicts in Flower
+messages; the functions here do not import Flower.
+
+Rounds and keys follow train.run_one exactly (same init key, ``fold_in(run_key, r)``,
+the same per-client key splits), so with ``engine.client_axis='map'`` a deployment and
+the simulator give the same per-client parameters up to float rounding
+(tests/test_deploy.py).
+
+A client's round, message by message: the server's message for round r carries the
+values from the aggregation of the client's previous upload (if any) and asks for
+round r. The client applies the values (completing that round), evaluates, then
+trains round r from there and uploads. A last message completes the final round.
+A client that misses a round keeps its own state and is simply not averaged in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pflresfim_jax import methods, spectral
+from pflresfim_jax.data import federation
+
+PyTree = Any
+Flat = Dict[str, np.ndarray]
+MASK = '#mask'    # suffix of a bit-packed boolean mask entry
+
+
+# ------------------------------------------------------------------ wire format
+def path_key(path) -> str:
+  """``'params/Conv_0/kernel'`` for a jax.tree_util key path."""
+  return '/'.join(str(getattr(p, 'key', getattr(p, 'idx', p))) for p in path)
+
+
+def flatten(tree: PyTree) -> Flat:
+  """``{path: np.ndarray}`` of a pytree."""
+  return {path_key(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def unflatten(template: PyTree, flat: Flat, what: str = 'message') -> PyTree:
+  """The pytree of ``template``'s structure (arrays or ShapeDtypeStructs) with
+  ``flat``'s leaves (shapes checked)."""
+  leaves = []
+  for p, x in jax.tree_util.tree_flatten_with_path(template)[0]:
+    k = path_key(p)
+    if k not in flat:
+      raise ValueError(f'{what}: entry {k!r} missing')
+    v = np.asarray(flat[k])
+    if v.shape != tuple(x.shape):
+      raise ValueError(f'{what}: entry {k!r} has shape {v.shape}, expected {tuple(x.shape)}')
+    leaves.append(v.astype(x.dtype))
+  return jax.tree.unflatten(jax.tree.structure(template), leaves)
+
+
+def pack(tree: PyTree, send: PyTree, prefix: str) -> Flat:
+  """The entries of ``tree`` where ``send`` is True, with the packed ``send`` mask.
+
+  Args:
+    tree: pytree of arrays (one client, no client axis).
+    send: bool pytree like ``tree``.
+    prefix: key prefix (e.g. 'params').
+  """
+  out = {}
+  for (p, x), m in zip(jax.tree_util.tree_flatten_with_path(tree)[0], jax.tree.leaves(send)):
+    k, m = f'{prefix}/{path_key(p)}', np.asarray(m, bool).reshape(-1)
+    out[k] = np.asarray(x).reshape(-1)[m]
+    out[k + MASK] = np.packbits(m)
+  return out
+
+
+def unpack(template: PyTree, flat: Flat, prefix: str, what: str = 'message'
+           ) -> Tuple[PyTree, PyTree]:
+  """Inverse of :func:`pack`: (values, zeros where not sent; the send mask)."""
+  values, sent = [], []
+  for p, x in jax.tree_util.tree_flatten_with_path(template)[0]:
+    k = f'{prefix}/{path_key(p)}'
+    if k not in flat or k + MASK not in flat:
+      raise ValueError(f'{what}: entry {k!r} missing')
+    size = int(np.prod(x.shape))
+    m = _bits(flat[k + MASK], size, what, k)
+    v = np.asarray(flat[k])
+    if v.shape != (int(m.sum()),):
+      raise ValueError(f'{what}: entry {k!r} holds {v.size} values for {int(m.sum())} entries')
+    full = np.zeros(size, x.dtype)
+    full[m] = v
+    values.append(full.reshape(x.shape))
+    sent.append(m.reshape(x.shape))
+  treedef = jax.tree.structure(template)
+  return jax.tree.unflatten(treedef, values), jax.tree.unflatten(treedef, sent)
+
+
+def _bits(packed, size: int, what: str, key: str) -> np.ndarray:
+  packed = np.asarray(packed, np.uint8)
+  if packed.shape != ((size + 7) // 8,):
+    raise ValueError(f'{what}: mask {key!r} has {packed.size} bytes for {size} entries')
+  return np.unpackbits(packed, count=size).astype(bool)
+
+
+def pack_mask(mask: PyTree, prefix: str) -> Flat:
+  """A bool pytree as bit-packed uint8 entries (1 bit per parameter entry)."""
+  return {f'{prefix}/{path_key(p)}': np.packbits(np.asarray(m, bool).reshape(-1))
+          for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
+
+
+def unpack_mask(template: PyTree, flat: Flat, prefix: str, what: str = 'message') -> PyTree:
+  leaves = []
+  for p, x in jax.tree_util.tree_flatten_with_path(template)[0]:
+    k = f'{prefix}/{path_key(p)}'
+    if k not in flat:
+      raise ValueError(f'{what}: entry {k!r} missing')
+    leaves.append(_bits(flat[k], int(np.prod(x.shape)), what, k).reshape(x.shape))
+  return jax.tree.unflatten(jax.tree.structure(template), leaves)
+
+
+def nbytes(flat: Flat) -> int:
+  return int(sum(np.asarray(v).nbytes for v in flat.values()))
+
+
+# ------------------------------------------------------------------ what is shared
+def uploads_entries(method: str, agg_mask: PyTree) -> PyTree:
+  """Entries a client sends after training: those its aggregation reads.
+
+  FedCAC reads every entry (its critical entries are averaged with collaborators);
+  'local' sends nothing; every mask-based method sends the entries not kept local.
+  """
+  if method == 'fedcac':
+    return jax.tree.map(lambda m: np.ones(np.shape(m), bool), agg_mask)
+  return jax.tree.map(lambda m: ~np.asarray(m, bool), agg_mask)
+
+
+def replaced_entries(method: str, agg_mask: PyTree) -> PyTree:
+  """Entries the server's aggregation changes for a client (what comes back)."""
+  return uploads_entries(method, agg_mask)
+
+
+def run_id(config, method: str, seed: int) -> str:
+  """A short hash naming one run (config, method, seed): a client's state folder."""
+  text = json.dumps({'config': config.to_dict(), 'method': method, 'seed': seed},
+                    sort_keys=True, default=str)
+  return f'{method}-seed{seed}-{hashlib.sha256(text.encode()).hexdigest()[:10]}'
+
+
+def round_keys(seed: int) -> Tuple[jax.Array, jax.Array]:
+  """(init key, run key) exactly as train.run_one derives them."""
+  k_init, k_run = jax.random.split(jax.random.PRNGKey(seed))
+  return k_init, k_run
+
+
+def client_keys(k_run: jax.Array, rnd: int, num_clients: int, index: int) -> Tuple[jax.Array, jax.Array]:
+  """Client ``index``'s (training key, statistics key) of round ``rnd`` (as methods.round)."""
+  k_train, k_server = jax.random.split(jax.random.fold_in(k_run, rnd))
+  return (jax.random.split(k_train, num_clients)[index],
+          jax.random.split(k_server, num_clients)[index])
+
+
+def _save_npz(path: str, flat: Flat) -> None:
+  tmp = path + '.tmp.npz'
+  np.savez(tmp, **flat)
+  os.replace(tmp, path)
+
+
+def _load_npz(path: str) -> Optional[Flat]:
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as z:
+    return {k: z[k] for k in z.files}
+
+
+def pad_examples(fed: federation.Federation, slots: Dict[str, int]) -> federation.Federation:
+  """Zero-pad each split's example axis to ``slots[split]`` (counts unchanged)."""
+  def pad(split, name):
+    n = int(slots.get(name, split.images.shape[1]))
+    if n < split.images.shape[1]:
+      raise ValueError(f'{name}: {split.images.shape[1]} examples do not fit {n} slots')
+    widths = [(0, 0), (0, n - split.images.shape[1])] + [(0, 0)] * 3
+    return federation.Split(np.pad(split.images, widths), np.pad(split.labels, widths), split.counts)
+  return dataclasses.replace(fed, **{s: pad(getattr(fed, s), s) for s in federation.SPLITS})
+
+
+# ------------------------------------------------------------------ the client
+class Hospital:
+  """One client: its own data (a one-client Federation) and state folder.
+
+  Args:
+    config: the resolved run config (train.resolve), as the server sends it.
+    method: one of config.METHODS.
+    seed: run seed.
+    fed: this hospital's data only (``fed.num_clients == 1``).
+    index: this client's position in the federation (0..K-1): its keys and its
+      owner id in the spectral bank.
+    num_clients: K.
+    state_dir: folder for this client's state (parameters, optimizer state,
+      personal leaves, masks); it survives restarts of the client.
+    slots: per split, the example slots the simulator would stack this client's
+      split into (the largest client's count): the shuffles and the ResFIM example
+      draw depend on it (engine.epoch_order), so a client pads its own data to it.
+  """
+
+  def __init__(self, config, method: str, seed: int, fed: federation.Federation, index: int,
+               num_clients: int, state_dir: str, slots: Optional[Dict[str, int]] = None):
+    from pflresfim_jax import train  # train imports orbax etc.; only a client needs it
+    if fed.num_clients != 1:
+      raise ValueError(f'a hospital holds one client, got {fed.num_clients}')
+    if not 0 <= index < num_clients:
+      raise ValueError(f'client index {index} outside 0..{num_clients - 1}')
+    self.config, self.method, self.seed = config, method, seed
+    self.fed, self.index, self.num_clients = fed, index, num_clients
+    self.folder = os.path.join(state_dir, run_id(config, method, seed))
+    os.makedirs(self.folder, exist_ok=True)
+    ctx = methods.Context(train.build_model(config), 1, fed.image_shape, config, config.rounds)
+    self.algo = methods.build(method, ctx)
+    self.data = train.device_data(pad_examples(fed, slots or {}))
+    self.k_init, self.k_run = round_keys(seed)
+    self._template = jax.eval_shape(self.algo.init, self.k_init)
+    algo, cfg = self.algo, config
+
+    def local(state, train_data, bank, k_train, k_stats, rnd, client_ids):
+      # Data, keys and the client id are arguments, not constants: every client of
+      # a federation compiles the same program (a persistent-cache hit).
+      lr = cfg.lr * methods.lr_factor(cfg, cfg.rounds, rnd)
+      start = state['params']
+      state, loss = algo.local(state, train_data, k_train[None], lr)
+      state, agg_mask = algo.stats(state, start, train_data, bank, k_stats[None], rnd, client_ids)
+      return state, agg_mask, loss
+    self._local = jax.jit(local)
+    self._evaluate = jax.jit(algo.evaluate)
+
+  # -- state on disk: 'committed' (after the last applied aggregation) and
+  #    'pending' (trained, waiting for the server's values of that round)
+  def _path(self, which: str) -> str:
+    return os.path.join(self.folder, f'{which}.npz')
+
+  def _read(self, which: str):
+    flat = _load_npz(self._path(which))
+    if flat is None:
+      return None, None, None
+    state = unflatten(self._template, {k[6:]: v for k, v in flat.items() if k.startswith('state/')},
+                      self._path(which))
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype),
+                          self._template['params'])
+    agg = unpack_mask(params, flat, 'agg', self._path(which)) \
+        if any(k.startswith('agg/') for k in flat) else None
+    return state, int(flat['round']), agg
+
+  def _write(self, which: str, state, rnd: int, agg_mask=None) -> None:
+    flat = {f'state/{k}': v for k, v in flatten(state).items()}
+    if agg_mask is not None:
+      flat.update(pack_mask(agg_mask, 'agg'))
+    flat['round'] = np.asarray(rnd)
+    _save_npz(self._path(which), flat)
+
+  def committed(self) -> Tuple[PyTree, int]:
+    """(state [1, ...], last round completed; -1 = fresh)."""
+    state, rnd, _ = self._read('committed')
+    if state is None:
+      return self.algo.init(self.k_init), -1
+    return state, rnd
+
+  # -- the two things a client is asked for
+  def windows(self) -> Flat:
+    """Its style: low-frequency amplitude windows of its training images (METHOD.md 2)."""
+    images, _ = self.fed.train.client(0)
+    w = spectral.amplitude_bank(jnp.asarray(images), self.config.spectral.ratio)
+    if self.config.spectral.share == 'client_mean':
+      w, _ = spectral.client_mean_bank(w, jnp.zeros(w.shape[0], jnp.int32), 1)
+    return {'windows': np.asarray(w), 'count': np.asarray(self.fed.train.counts[0])}
+
+  def complete(self, rnd: int, values: Optional[Flat]) -> Optional[Dict[str, Any]]:
+    """Apply the server's values for round ``rnd`` to the pending state and evaluate.
+
+    Returns the round's metrics ({'val': {...}, 'test': {...}}, numpy, per metric
+    a float), or None when nothing was pending for that round (a stale message).
+    """
+    state, pending, agg_mask = self._read('pending')
+    if state is None or pending != rnd or values is None:
+      return None
+    params = jax.tree.map(lambda x: x[0], state['params'])
+    new, replaced = unpack(params, values, 'params', 'server values')
+    expected = replaced_entries(self.method, agg_mask)
+    if any(np.any(a != b) for a, b in zip(jax.tree.leaves(replaced), jax.tree.leaves(expected))):
+      raise ValueError(f'server values for round {rnd} do not match the entries this client shares')
+    merged = jax.tree.map(lambda own, v, r: np.where(r, v, own), params, new, replaced)
+    state = {**state, 'params': jax.tree.map(lambda x: x[None], merged)}
+    if self.method in methods.SHARED_STATS:
+      stats = unflatten(jax.tree.map(lambda x: x[0], state['batch_stats']),
+                        {k[12:]: v for k, v in values.items() if k.startswith('batch_stats/')},
+                        'server values')
+      state = {**state, 'batch_stats': jax.tree.map(lambda x: x[None], stats)}
+    metrics = jax.tree.map(lambda v: float(np.asarray(v)[0]), self._evaluate(state, self.data))
+    self._write('committed', state, rnd)
+    os.remove(self._path('pending'))
+    return metrics
+
+  def train(self, rnd: int, bank: Dict[str, np.ndarray]) -> Flat:
+    """Train round ``rnd`` from the committed state; return the upload.
+
+    The upload holds the shared parameter entries (bit-packed mask + values), the
+    mask kept local (for the server's mask statistics), BatchNorm statistics where
+    the method averages them, the training-set size (the weight) and the loss.
+    """
+    state, done = self.committed()
+    if done >= rnd:
+      raise ValueError(f'round {rnd} asked, but this client already completed round {done}')
+    k_train, k_stats = client_keys(self.k_run, rnd, self.num_clients, self.index)
+    bank = {'windows': jnp.asarray(bank['windows']), 'owner': jnp.asarray(bank['owner'])}
+    state, agg_mask, loss = self._local(state, self.data['train'], bank, k_train, k_stats,
+                                        jnp.int32(rnd), jnp.asarray([self.index]))
+    one = lambda t: jax.tree.map(lambda x: np.asarray(x)[0], t)
+    self._write('pending', state, rnd, one(agg_mask))
+    params, agg = one(state['params']), one(agg_mask)
+    out = pack(params, uploads_entries(self.method, agg), 'params')
+    out.update(pack_mask(agg, 'agg_mask'))
+    out.update(pack_mask(one(state['local_mask']), 'local_mask'))
+    if self.method in methods.SHARED_STATS:
+      out.update({f'batch_stats/{k}': v for k, v in flatten(one(state['batch_stats'])).items()})
+    out['weight'] = np.asarray(float(self.fed.train.counts[0]), np.float32)
+    out['train_loss'] = np.asarray(np.asarray(loss)[0], np.float32)
+    return out
+
+
+# ------------------------------------------------------------------ the server
+class Server:
+  """The aggregation side: knows the model's shapes, never any data.
+
+  Args:
+    config: resolved run config.
+    method: one of config.METHODS.
+    num_clients: K.
+    image_shape: (H, W, C) of the federation (to build the parameter shapes).
+  """
+
+  def __init__(self, config, method: str, num_clients: int, image_shape: Sequence[int]):
+    from pflresfim_jax import train
+    self.config, self.method, self.num_clients = config, method, num_clients
+    ctx = methods.Context(train.build_model(config), num_clients, tuple(image_shape), config,
+                          config.rounds)
+    self.algo = methods.build(method, ctx)
+    template = jax.eval_shape(self.algo.init, jax.random.PRNGKey(0))
+    one = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), t)
+    self.params = one(template['params'])
+    self.batch_stats = one(template['batch_stats'])
+    self._aggregate = jax.jit(self.algo.aggregate)
+
+  def bank(self, windows: Dict[int, Flat]) -> Dict[str, np.ndarray]:
+    """The spectral bank from the clients' windows (client index -> its message)."""
+    parts, owner = [], []
+    for k in sorted(windows):
+      w = np.asarray(windows[k]['windows'], np.float32)
+      parts.append(w)
+      owner.append(np.full(len(w), k, np.int32))
+    return {'windows': np.concatenate(parts), 'owner': np.concatenate(owner)}
+
+  def aggregate(self, rnd: int, uploads: Dict[int, Flat]
+                ) -> Tuple[Dict[int, Flat], Dict[str, Any]]:
+    """Round ``rnd``'s aggregation over the clients that sent an upload.
+
+    Returns (values to send back per client index, info: per-client lists with
+    None for absent clients: 'local_fraction', 'train_loss', ...).
+    """
+    k = self.num_clients
+    zeros = lambda t: jax.tree.map(lambda s: np.zeros((k, *s.shape), s.dtype), t)
+    params, agg, local = zeros(self.params), zeros(self.params), zeros(self.params)
+    agg = jax.tree.map(lambda x: np.ones(x.shape, bool), agg)
+    local = jax.tree.map(lambda x: np.zeros(x.shape, bool), local)
+    stats = zeros(self.batch_stats)
+    weights = np.zeros(k, np.float32)
+    for i, up in uploads.items():
+      what = f'client {i} upload, round {rnd}'
+      v, _ = unpack(self.params, up, 'params', what)
+      a = unpack_mask(self.params, up, 'agg_mask', what)
+      lm = unpack_mask(self.params, up, 'local_mask', what)
+      for tree, new in ((params, v), (agg, a), (local, lm)):
+        jax.tree.map(lambda dst, src: dst.__setitem__(i, src), tree, new)
+      if self.method in methods.SHARED_STATS:
+        s = unflatten(self.batch_stats, {kk[12:]: vv for kk, vv in up.items()
+                                         if kk.startswith('batch_stats/')}, what)
+        jax.tree.map(lambda dst, src: dst.__setitem__(i, src), stats, s)
+      weights[i] = float(up['weight'])
+    state = {'params': params, 'batch_stats': stats, 'local_mask': local}
+    state, info = self._aggregate(state, agg, jnp.asarray(weights), jnp.int32(rnd))
+    out = {}
+    for i in uploads:
+      mine = lambda t: jax.tree.map(lambda x: np.asarray(x)[i], t)
+      values = pack(mine(state['params']), replaced_entries(self.method, mine(agg)), 'params')
+      if self.method in methods.SHARED_STATS:
+        values.update({f'batch_stats/{kk}': vv for kk, vv in flatten(mine(state['batch_stats'])).items()})
+      out[i] = values
+    present = lambda arr: [float(arr[i]) if i in uploads else None for i in range(k)]
+    record = {'clients': sorted(uploads),
+              'train_loss': [float(uploads[i]['train_loss']) if i in uploads else None
+                             for i in range(k)],
+              'local_fraction': present(np.asarray(info['local_fraction']))}
+    if 'collaborators' in info:
+      record['collaborators'] = present(np.asarray(info['collaborators']))
+    return out, record
+
+
+# ------------------------------------------------------------------ the protocol
+# A message is (kind, meta, arrays): kind in QUERY / TRAIN / EVALUATE, meta a JSON-able
+# dict, arrays a Flat dict. The transport (Flower, or a direct call in tests) only
+# carries them; ``serve`` is the server's loop, ``handle`` a client's answer.
+QUERY, TRAIN, EVALUATE = 'query', 'train', 'evaluate'
+
+
+def config_from_json(text: str):
+  import ml_collections
+  return ml_collections.ConfigDict(json.loads(text))
+
+
+def client_federation(config, index: int, data_root: Optional[str] = None,
+                      client_name: Optional[str] = None) -> federation.Federation:
+  """One hospital's data: its own folder (``data_root``, read with config.data.name's
+  loader), or, without a folder, site ``index`` of the built-in phantom."""
+  from pflresfim_jax import train
+  if data_root:
+    cfg = config.copy_and_resolve_references()
+    cfg.data.root = None
+    cfg.data.clients = f'{client_name or os.path.basename(os.path.normpath(data_root))}={data_root}'
+    return train.load_federation(cfg)
+  fed = train.load_federation(config)
+  if not 0 <= index < fed.num_clients:
+    raise ValueError(f'client index {index}: the phantom has {fed.num_clients} sites '
+                     '(config.phantom.num_sites)')
+  pick = lambda s: federation.Split(s.images[index:index + 1], s.labels[index:index + 1],
+                                    s.counts[index:index + 1])
+  return federation.Federation(fed.name, (fed.clients[index],), pick(fed.train), pick(fed.val),
+                               pick(fed.test))
+
+
+def handle(kind: str, meta: Dict[str, Any], arrays: Flat, index: int, state_dir: str,
+           data_root: Optional[str] = None, client_name: Optional[str] = None,
+           cache: Optional[Dict[Any, Hospital]] = None) -> Tuple[Dict[str, Any], Flat]:
+  """A client's answer to one server message (a function of the message, the
+  client's node settings and its state folder).
+
+  ``cache`` (optional, owned by the caller) keeps built :class:`Hospital` objects
+  (their compiled functions) between messages of one process.
+  """
+  slots = meta.get('slots')
+  key = (index, state_dir, data_root, meta['config'], meta['method'], meta['seed'],
+         json.dumps(slots))
+  hospital = None if cache is None else cache.get(key)
+  if hospital is None:
+    config = config_from_json(meta['config'])
+    fed = client_federation(config, index, data_root, client_name)
+    hospital = Hospital(config, meta['method'], int(meta['seed']), fed, index,
+                        int(meta['num_clients']), state_dir, slots)
+    if cache is not None:
+      cache[key] = hospital
+  fed = hospital.fed
+  if kind == QUERY:
+    counts = {s: int(getattr(fed, s).counts[0]) for s in federation.SPLITS}
+    return {'index': index, 'name': fed.clients[0], 'image_shape': list(fed.image_shape),
+            'counts': counts}, hospital.windows()
+  out: Dict[str, Any] = {'index': index}
+  if meta.get('complete') is not None:
+    done = int(meta['complete'])
+    values = {k[7:]: v for k, v in arrays.items() if k.startswith('values/')}
+    out['completed'], out['metrics'] = done, hospital.complete(done, values)
+  if kind == EVALUATE:
+    return out, {}
+  if kind != TRAIN:
+    raise ValueError(f'unknown message kind {kind!r}')
+  bank = {'windows': arrays['bank/windows'], 'owner': arrays['bank/owner']}
+  out['round'] = int(meta['round'])
+  return out, hospital.train(int(meta['round']), bank)
+
+
+def serve(config, method: str, seed: int, num_clients: int, send, min_clients: int = 1,
+          log=None) -> Dict[str, Any]:
+  """The server's whole run over any transport.
+
+  Args:
+    config: resolved run config (sent to every client with each message).
+    method, seed: what to run.
+    num_clients: K (client indices 0..K-1).
+    send: ``send({index: (kind, meta, arrays)}) -> {index: (meta, arrays)}``; a client
+      that did not answer (disconnected, timed out, failed) is left out of the result.
+    min_clients: a round needs at least this many uploads, else RuntimeError.
+    log: optional callable(str) for progress lines.
+
+  Returns:
+    {'clients': names, 'rounds': [per-round records], 'final': {index: metrics of the
+    last round the client completed}, 'wire': bytes per message kind}.
+  """
+  log = log or (lambda text: None)
+  base = {'config': json.dumps(config.to_dict()), 'method': method, 'seed': seed,
+          'num_clients': num_clients}
+  wire = {'query_down': 0, 'query_up': 0, 'train_down': 0, 'train_up': 0}
+
+  def count(direction, msgs):
+    wire[direction] += sum(nbytes(m[-1]) for m in msgs.values())
+
+  def need(replies, what):
+    if len(replies) < min_clients:
+      raise RuntimeError(f'{what}: {len(replies)} of {num_clients} clients answered, '
+                         f'fewer than min_clients={min_clients}')
+
+  query = {k: (QUERY, dict(base), {}) for k in range(num_clients)}
+  replies = send(query)
+  count('query_up', replies)
+  need(replies, 'style exchange')
+  shapes = {tuple(m['image_shape']) for m, _ in replies.values()}
+  if len(shapes) != 1:
+    raise ValueError(f'clients disagree on the image shape: {sorted(shapes)}')
+  names = {k: m['name'] for k, (m, _) in replies.items()}
+  # Example slots per split: what the simulator's stacking pads every client to.
+  base['slots'] = {s: max(m['counts'][s] for m, _ in replies.values()) for s in federation.SPLITS}
+  server = Server(config, method, num_clients, shapes.pop())
+  bank = server.bank({k: a for k, (_, a) in replies.items()})
+  bank_arrays = {'bank/windows': bank['windows'], 'bank/owner': bank['owner']}
+  log(f'style exchange: {len(replies)} clients, bank of {len(bank["owner"])} windows')
+  outbox: Dict[int, Tuple[int, Flat]] = {}
+  rounds, final = [], {}
+
+  def with_outbox(k, meta, arrays):
+    if k in outbox:
+      done, values = outbox[k]
+      meta = {**meta, 'complete': done}
+      arrays = {**arrays, **{f'values/{n}': v for n, v in values.items()}}
+    return meta, arrays
+
+  def collect(replies, record_by_round):
+    for k, (m, _) in replies.items():
+      outbox.pop(k, None)
+      if m.get('metrics') is not None:
+        final[k] = {'round': m['completed'], **m['metrics']}
+        record_by_round.setdefault(m['completed'], {})[k] = m['metrics']
+
+  metrics_by_round: Dict[int, Dict[int, Any]] = {}
+  for rnd in range(config.rounds):
+    msgs = {}
+    for k in range(num_clients):
+      meta, arrays = with_outbox(k, {**base, 'round': rnd}, bank_arrays)
+      msgs[k] = (TRAIN, meta, arrays)
+    count('train_down', msgs)
+    replies = send(msgs)
+    count('train_up', replies)
+    collect(replies, metrics_by_round)
+    need(replies, f'round {rnd}')
+    values, record = server.aggregate(rnd, {k: a for k, (_, a) in replies.items()})
+    outbox.update({k: (rnd, v) for k, v in values.items()})
+    rounds.append({'round': rnd, **record})
+    log(f'round {rnd}: {len(replies)} clients')
+  last = {k: (EVALUATE, *with_outbox(k, dict(base), {})) for k in outbox}
+  collect(send(last) if last else {}, metrics_by_round)
+  for rec in rounds:
+    got = metrics_by_round.get(rec['round'], {})
+    rec['val_dice'] = [got[k]['val']['dice'] if k in got else None for k in range(num_clients)]
+    rec['test_dice'] = [got[k]['test']['dice'] if k in got else None for k in range(num_clients)]
+  return {'clients': [names.get(k) for k in range(num_clients)], 'rounds': rounds,
+          'final': final, 'wire': wire}
