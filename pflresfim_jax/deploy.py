@@ -197,6 +197,30 @@ def pad_examples(fed: federation.Federation, slots: Dict[str, int]) -> federatio
 
 
 # ------------------------------------------------------------------ the client
+class ClientPrograms:
+  """A client's jitted functions for one config and method (no client data inside).
+
+  ``local(state, train_data, bank, k_train, k_stats, rnd, client_ids)`` -> (state,
+  agg_mask, loss): local training then the method's statistics, for one client
+  (leading axis 1); ``evaluate(state, data)``. Data, keys and the client id are
+  arguments, not constants, so every client of a federation runs the same program.
+  """
+
+  def __init__(self, config, method: str, image_shape: Sequence[int]):
+    from pflresfim_jax import train
+    ctx = methods.Context(train.build_model(config), 1, tuple(image_shape), config, config.rounds)
+    algo = self.algo = methods.build(method, ctx)
+
+    def local(state, train_data, bank, k_train, k_stats, rnd, client_ids):
+      lr = config.lr * methods.lr_factor(config, config.rounds, rnd)
+      start = state['params']
+      state, loss = algo.local(state, train_data, k_train[None], lr)
+      state, agg_mask = algo.stats(state, start, train_data, bank, k_stats[None], rnd, client_ids)
+      return state, agg_mask, loss
+    self.local = jax.jit(local)
+    self.evaluate = jax.jit(algo.evaluate)
+
+
 class Hospital:
   """One client: its own data (a one-client Federation) and state folder.
 
@@ -210,13 +234,16 @@ class Hospital:
     num_clients: K.
     state_dir: folder for this client's state (parameters, optimizer state,
       personal leaves, masks); it survives restarts of the client.
+    programs: the jitted client functions (:class:`ClientPrograms`), shared by
+      hospitals of one config in one process; built when not given.
     slots: per split, the example slots the simulator would stack this client's
       split into (the largest client's count): the shuffles and the ResFIM example
       draw depend on it (engine.epoch_order), so a client pads its own data to it.
   """
 
   def __init__(self, config, method: str, seed: int, fed: federation.Federation, index: int,
-               num_clients: int, state_dir: str, slots: Optional[Dict[str, int]] = None):
+               num_clients: int, state_dir: str, slots: Optional[Dict[str, int]] = None,
+               programs: Optional['ClientPrograms'] = None):
     from pflresfim_jax import train  # train imports orbax etc.; only a client needs it
     if fed.num_clients != 1:
       raise ValueError(f'a hospital holds one client, got {fed.num_clients}')
@@ -226,23 +253,11 @@ class Hospital:
     self.fed, self.index, self.num_clients = fed, index, num_clients
     self.folder = os.path.join(state_dir, run_id(config, method, seed))
     os.makedirs(self.folder, exist_ok=True)
-    ctx = methods.Context(train.build_model(config), 1, fed.image_shape, config, config.rounds)
-    self.algo = methods.build(method, ctx)
+    programs = programs or ClientPrograms(config, method, fed.image_shape)
+    self.algo, self._local, self._evaluate = programs.algo, programs.local, programs.evaluate
     self.data = train.device_data(pad_examples(fed, slots or {}))
     self.k_init, self.k_run = round_keys(seed)
     self._template = jax.eval_shape(self.algo.init, self.k_init)
-    algo, cfg = self.algo, config
-
-    def local(state, train_data, bank, k_train, k_stats, rnd, client_ids):
-      # Data, keys and the client id are arguments, not constants: every client of
-      # a federation compiles the same program (a persistent-cache hit).
-      lr = cfg.lr * methods.lr_factor(cfg, cfg.rounds, rnd)
-      start = state['params']
-      state, loss = algo.local(state, train_data, k_train[None], lr)
-      state, agg_mask = algo.stats(state, start, train_data, bank, k_stats[None], rnd, client_ids)
-      return state, agg_mask, loss
-    self._local = jax.jit(local)
-    self._evaluate = jax.jit(algo.evaluate)
 
   # -- state on disk: 'committed' (after the last applied aggregation) and
   #    'pending' (trained, waiting for the server's values of that round)
@@ -452,20 +467,27 @@ def handle(kind: str, meta: Dict[str, Any], arrays: Flat, index: int, state_dir:
   """A client's answer to one server message (a function of the message, the
   client's node settings and its state folder).
 
-  ``cache`` (optional, owned by the caller) keeps built :class:`Hospital` objects
-  (their compiled functions) between messages of one process.
+  ``cache`` (optional, owned by the caller) keeps the client's data, its
+  :class:`ClientPrograms` and :class:`Hospital` objects between messages of one process
+  (keys: tuples whose first item is the client index, 'federation' or 'programs').
   """
   slots = meta.get('slots')
   key = (index, state_dir, data_root, meta['config'], meta['method'], meta['seed'],
          json.dumps(slots))
-  hospital = None if cache is None else cache.get(key)
+  cache = {} if cache is None else cache
+  hospital = cache.get(key)
   if hospital is None:
     config = config_from_json(meta['config'])
-    fed = client_federation(config, index, data_root, client_name)
-    hospital = Hospital(config, meta['method'], int(meta['seed']), fed, index,
-                        int(meta['num_clients']), state_dir, slots)
-    if cache is not None:
-      cache[key] = hospital
+    fed_key = ('federation', index, data_root, client_name, meta['config'])
+    if fed_key not in cache:
+      cache[fed_key] = client_federation(config, index, data_root, client_name)
+    fed = cache[fed_key]
+    programs_key = ('programs', meta['config'], meta['method'], fed.image_shape)
+    if programs_key not in cache:
+      cache[programs_key] = ClientPrograms(config, meta['method'], fed.image_shape)
+    hospital = cache[key] = Hospital(config, meta['method'], int(meta['seed']), fed, index,
+                                     int(meta['num_clients']), state_dir, slots,
+                                     cache[programs_key])
   fed = hospital.fed
   if kind == QUERY:
     counts = {s: int(getattr(fed, s).counts[0]) for s in federation.SPLITS}

@@ -43,14 +43,19 @@ KIND_TO_TYPE = {HELLO: 'query', deploy.QUERY: 'query', deploy.TRAIN: 'train',
 
 
 def to_content(kind: str, meta: Dict[str, Any], arrays: deploy.Flat) -> RecordDict:
-  return RecordDict({'meta': ConfigRecord({'json': json.dumps({**meta, 'kind': kind})}),
-                     'arrays': ArrayRecord({k: Array(np.ascontiguousarray(v))
+  """(kind, meta, arrays) as a Flower RecordDict (0-d arrays travel as shape (1,))."""
+  scalars = sorted(k for k, v in arrays.items() if np.ndim(v) == 0)
+  return RecordDict({'meta': ConfigRecord({'json': json.dumps({**meta, 'kind': kind,
+                                                                '_scalars': scalars})}),
+                     'arrays': ArrayRecord({k: Array(np.ascontiguousarray(np.atleast_1d(v)))
                                             for k, v in arrays.items()})})
 
 
 def from_content(content: RecordDict) -> Tuple[str, Dict[str, Any], deploy.Flat]:
   meta = json.loads(content['meta']['json'])
-  arrays = {k: a.numpy() for k, a in content['arrays'].items()}
+  scalars = set(meta.pop('_scalars', ()))
+  arrays = {k: a.numpy().reshape(()) if k in scalars else a.numpy()
+            for k, a in content['arrays'].items()}
   return meta.pop('kind', ''), meta, arrays
 
 

@@ -306,7 +306,7 @@ def run_one(config, fed: federation.Federation, method: str, seed: int, workdir:
     abstract = {'fed': sharding.abstract(jax.eval_shape(init_fn, k_init), sharding.split(mesh)),
                 'key': sharding.abstract(k_run, sharding.replicated(mesh))}
     saved, bank, meta = ckpt.restore(abstract, sharding.abstract(bank, sharding.replicated(mesh)))
-    state, k_run = saved['fed'], saved['key']
+    state, k_run = saved['fed'], jnp.asarray(np.asarray(saved['key']))
     best_val = np.asarray(meta['best_val'], np.float32)
     best_round = np.asarray(meta['best_round'])
     recorded = {n: np.asarray(v, np.float32) for n, v in meta['recorded'].items()}
@@ -355,7 +355,9 @@ def run_one(config, fed: federation.Federation, method: str, seed: int, workdir:
           meta = {'round': rnd, 'method': method, 'seed': seed, 'clients_padded': mesh_clients,
                   'best_val': best_val.tolist(), 'best_round': best_round.tolist(),
                   'recorded': {n: v.tolist() for n, v in recorded.items()}}
-          ckpt.save(rnd, {'fed': state, 'key': k_run}, bank, meta)
+          # The run key is saved replicated over the mesh (every process holds it).
+          key = jax.device_put(np.asarray(k_run), sharding.replicated(mesh))
+          ckpt.save(rnd, {'fed': state, 'key': key}, bank, meta)
         progress.update(rnd + 1, f'val Dice {100 * val_dice.mean():.1f}')
         if stop is not None and stop.requested and rnd < config.rounds - 1:
           raise Interrupted(f'{method} seed {seed}: stopped after round {rnd}; checkpoint in '

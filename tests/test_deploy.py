@@ -67,7 +67,8 @@ def test_deployment_matches_the_simulator_and_survives_a_dropout(tmp_path):
   # lr 1e-6: Adam turns float-rounding differences into lr-sized steps; a tiny rate
   # keeps any such difference far below the tolerance.
   method = 'pfl_resfim'
-  cfg = tiny_config(method=method, rounds=3, lr=1e-6, **{'engine.client_axis': 'map'})
+  cfg = tiny_config(method=method, rounds=3, lr=1e-6,
+                    **{'engine.client_axis': 'map', 'engine.unroll': 'false'})
   fed, state, metrics = _simulate(cfg, method, cfg.rounds)
   cache = {}
   result = deploy.serve(cfg, method, 0, fed.num_clients, _loopback(tmp_path / 'all', cache))

@@ -17,7 +17,8 @@ TINY = ['--config.rounds=2', '--config.phantom.num_sites=3', '--config.phantom.i
         '--config.fisher.num_examples=4', '--config.fisher.chunk_size=2',
         '--config.spectral.ratio=0.1', '--config.eval.batch_size=4', '--config.lr=1e-6',
         '--config.report.enabled=false', '--config.method=pfl_resfim',
-        '--config.engine.client_axis=vmap', '--config.tensorboard=false']
+        '--config.engine.client_axis=vmap', '--config.engine.unroll=false',
+        '--config.tensorboard=false']
 
 
 def _main(workdir, devices, extra=()):
