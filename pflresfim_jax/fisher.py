@@ -17,7 +17,7 @@ PyTree = Any
 
 
 def diagonal(loss_fn: Callable[[PyTree, Mapping[str, Array]], Array], params: PyTree,
-             batch: Mapping[str, Array], chunk_size: int = 8,
+             batch: Mapping[str, Array], chunk_size: int = 1,
              example_mask: Optional[Array] = None, unroll: bool = False) -> PyTree:
   """Diagonal empirical Fisher of ``loss_fn`` at ``params``.
 

@@ -51,7 +51,7 @@ def estimate(params: PyTree, batch: Mapping[str, Array], *,
              lam_range: Tuple[float, float] = (0.0, 1.0),
              loss: str = 'nll',
              kind: str = 'abs',
-             chunk_size: int = 8,
+             chunk_size: int = 1,
              eps: float = 1e-8,
              value_range: Optional[Tuple[float, float]] = (0.0, 1.0),
              unroll: bool = False) -> PyTree:

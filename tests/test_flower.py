@@ -16,7 +16,7 @@ from pflresfim_jax import flower  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ('rounds=2;phantom.num_sites=2;phantom.image_size=16;model.base=2;local_epochs=1;'
         'batch_size=4;fisher.num_examples=4;fisher.chunk_size=2;spectral.ratio=0.1;'
-        'eval.batch_size=4;engine.client_axis=map')
+        'eval.batch_size=4;engine.client_axis=map;engine.unroll=false')
 
 
 def _free_port():
