@@ -25,7 +25,7 @@ from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from pflresfim_jax import config as config_lib, fisher, losses, models, train  # noqa: E402
+from pflresfim_jax import config as config_lib, fisher, losses, models, sweep, train  # noqa: E402
 from pflresfim_jax.clients import engine, sharding  # noqa: E402
 from pflresfim_jax.data import phantom  # noqa: E402
 
@@ -106,7 +106,7 @@ def full_round(k, s, base, images, method, precision, devices, repeats, rounds):
     for part in [node, *path][:-1]:
       target = target[part]
     leaf = field.split('.')[-1]
-    target[leaf] = type(target[leaf])(value)
+    target[leaf] = sweep._value(value, target[leaf])   # typed like the field (None: literal)
   cfg = train.resolve(cfg)
   fed = phantom.load(seed=0, image_size=s, num_sites=k, images_per_site=[images] * k)
   mesh = sharding.client_mesh(devices)

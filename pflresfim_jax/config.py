@@ -57,7 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.fisher = ml_collections.ConfigDict()
   c.fisher.loss = 'nll'          # interpretation: 'nll' (pixel BCE) or 'train' (Dice+BCE)
   c.fisher.num_examples = 32     # interpretation
-  c.fisher.chunk_size = 1        # examples per vmap(grad); 1 was fastest on CPU and H200 (README Benchmark)
+  c.fisher.chunk_size = config_dict.placeholder(int)  # examples per vmap(grad); None: 1, or 4 where loops are unrolled (CPU)
 
   c.resfim = ml_collections.ConfigDict()
   c.resfim.ratio = 0.2           # interpretation: fraction kept local

@@ -238,7 +238,8 @@ def build(name: str, ctx: Context) -> Algorithm:
                           bank=bank['windows'], bank_owner=bank['owner'], client_id=client_id,
                           spectral_ratio=cfg.spectral.ratio,
                           lam_range=(cfg.spectral.lam_min, cfg.spectral.lam_max),
-                          loss=f.loss, kind=cfg.resfim.residual, chunk_size=f.chunk_size,
+                          loss=f.loss, kind=cfg.resfim.residual,
+                          chunk_size=engine.resolve_fisher_chunk(f.chunk_size, unroll),
                           eps=cfg.resfim.eps, unroll=unroll)
       return resfim.partition(r, cfg.resfim.ratio, cfg.resfim.scope)
     # The (small) bank goes to every client as an argument, not a closure: inside a

@@ -85,3 +85,11 @@ def test_vmap_and_map_agree_and_round_compiles_once():
   agree = np.mean([np.mean(np.asarray(a) == np.asarray(b)) for a, b in
                    zip(jax.tree.leaves(s_v['local_mask']), jax.tree.leaves(s_m['local_mask']))])
   assert agree > 0.99
+
+
+def test_fisher_chunk_auto_and_checked():
+  assert engine.resolve_fisher_chunk(None, unroll=True) == 4
+  assert engine.resolve_fisher_chunk(None, unroll=False) == 1
+  assert engine.resolve_fisher_chunk(8, unroll=True) == 8
+  with pytest.raises(ValueError, match='fisher.chunk_size'):
+    engine.resolve_fisher_chunk(0, unroll=False)
