@@ -99,15 +99,7 @@ def full_round(k, s, base, images, method, precision, devices, repeats, rounds):
   cfg = config_lib.base_config()
   cfg.model.base, cfg.engine.precision, cfg.rounds, cfg.method = base, precision, rounds, method
   cfg.phantom.image_size, cfg.phantom.num_sites = s, k
-  for item in FLAGS.set:
-    field, _, value = item.partition('=')
-    node, *path = field.split('.')
-    target = cfg
-    for part in [node, *path][:-1]:
-      target = target[part]
-    leaf = field.split('.')[-1]
-    target[leaf] = sweep._value(value, target[leaf])   # typed like the field (None: literal)
-  cfg = train.resolve(cfg)
+  cfg = train.resolve(sweep.override(cfg, ';'.join(FLAGS.set), '--set'))
   fed = phantom.load(seed=0, image_size=s, num_sites=k, images_per_site=[images] * k)
   mesh = sharding.client_mesh(devices)
   data, bank = train.device_data(fed, mesh), train.build_bank(fed, cfg, mesh)

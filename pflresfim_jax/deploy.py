@@ -131,6 +131,17 @@ def unpack_mask(template: PyTree, flat: Flat, prefix: str, what: str = 'message'
   return jax.tree.unflatten(jax.tree.structure(template), leaves)
 
 
+def under(prefix: str, flat: Flat) -> Flat:
+  """The entries of ``flat`` below ``prefix/``, with the prefix removed."""
+  start = prefix + '/'
+  return {k[len(start):]: v for k, v in flat.items() if k.startswith(start)}
+
+
+def prefixed(prefix: str, flat: Flat) -> Flat:
+  """``flat`` with every key put below ``prefix/`` (inverse of :func:`under`)."""
+  return {f'{prefix}/{k}': v for k, v in flat.items()}
+
+
 def nbytes(flat: Flat) -> int:
   return int(sum(np.asarray(v).nbytes for v in flat.values()))
 
@@ -157,19 +168,6 @@ def run_id(config, method: str, seed: int) -> str:
   text = json.dumps({'config': config.to_dict(), 'method': method, 'seed': seed},
                     sort_keys=True, default=str)
   return f'{method}-seed{seed}-{hashlib.sha256(text.encode()).hexdigest()[:10]}'
-
-
-def round_keys(seed: int) -> Tuple[jax.Array, jax.Array]:
-  """(init key, run key) exactly as train.run_one derives them."""
-  k_init, k_run = jax.random.split(jax.random.PRNGKey(seed))
-  return k_init, k_run
-
-
-def client_keys(k_run: jax.Array, rnd: int, num_clients: int, index: int) -> Tuple[jax.Array, jax.Array]:
-  """Client ``index``'s (training key, statistics key) of round ``rnd`` (as methods.round)."""
-  k_train, k_server = jax.random.split(jax.random.fold_in(k_run, rnd))
-  return (jax.random.split(k_train, num_clients)[index],
-          jax.random.split(k_server, num_clients)[index])
 
 
 def _save_npz(path: str, flat: Flat) -> None:
@@ -256,7 +254,7 @@ class Hospital:
     programs = programs or ClientPrograms(config, method, fed.image_shape)
     self.algo, self._local, self._evaluate = programs.algo, programs.local, programs.evaluate
     self.data = train.device_data(pad_examples(fed, slots or {}))
-    self.k_init, self.k_run = round_keys(seed)
+    self.k_init, self.k_run = methods.run_keys(seed)
     self._template = jax.eval_shape(self.algo.init, self.k_init)
 
   # -- state on disk: 'committed' (after the last applied aggregation) and
@@ -268,8 +266,7 @@ class Hospital:
     flat = _load_npz(self._path(which))
     if flat is None:
       return None, None, None
-    state = unflatten(self._template, {k[6:]: v for k, v in flat.items() if k.startswith('state/')},
-                      self._path(which))
+    state = unflatten(self._template, under('state', flat), self._path(which))
     params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype),
                           self._template['params'])
     agg = unpack_mask(params, flat, 'agg', self._path(which)) \
@@ -277,7 +274,7 @@ class Hospital:
     return state, int(flat['round']), agg
 
   def _write(self, which: str, state, rnd: int, agg_mask=None) -> None:
-    flat = {f'state/{k}': v for k, v in flatten(state).items()}
+    flat = prefixed('state', flatten(state))
     if agg_mask is not None:
       flat.update(pack_mask(agg_mask, 'agg'))
     flat['round'] = np.asarray(rnd)
@@ -297,7 +294,7 @@ class Hospital:
     w = spectral.amplitude_bank(jnp.asarray(images), self.config.spectral.ratio)
     if self.config.spectral.share == 'client_mean':
       w, _ = spectral.client_mean_bank(w, jnp.zeros(w.shape[0], jnp.int32), 1)
-    return {'windows': np.asarray(w), 'count': np.asarray(self.fed.train.counts[0])}
+    return {'windows': np.asarray(w)}
 
   def complete(self, rnd: int, values: Optional[Flat]) -> Optional[Dict[str, Any]]:
     """Apply the server's values for round ``rnd`` to the pending state and evaluate.
@@ -317,8 +314,7 @@ class Hospital:
     state = {**state, 'params': jax.tree.map(lambda x: x[None], merged)}
     if self.method in methods.SHARED_STATS:
       stats = unflatten(jax.tree.map(lambda x: x[0], state['batch_stats']),
-                        {k[12:]: v for k, v in values.items() if k.startswith('batch_stats/')},
-                        'server values')
+                        under('batch_stats', values), 'server values')
       state = {**state, 'batch_stats': jax.tree.map(lambda x: x[None], stats)}
     metrics = jax.tree.map(lambda v: float(np.asarray(v)[0]), self._evaluate(state, self.data))
     self._write('committed', state, rnd)
@@ -335,7 +331,9 @@ class Hospital:
     state, done = self.committed()
     if done >= rnd:
       raise ValueError(f'round {rnd} asked, but this client already completed round {done}')
-    k_train, k_stats = client_keys(self.k_run, rnd, self.num_clients, self.index)
+    train_keys, stats_keys = methods.client_keys(jax.random.fold_in(self.k_run, rnd),
+                                                 self.num_clients)
+    k_train, k_stats = train_keys[self.index], stats_keys[self.index]
     bank = {'windows': jnp.asarray(bank['windows']), 'owner': jnp.asarray(bank['owner'])}
     state, agg_mask, loss = self._local(state, self.data['train'], bank, k_train, k_stats,
                                         jnp.int32(rnd), jnp.asarray([self.index]))
@@ -346,7 +344,7 @@ class Hospital:
     out.update(pack_mask(agg, 'agg_mask'))
     out.update(pack_mask(one(state['local_mask']), 'local_mask'))
     if self.method in methods.SHARED_STATS:
-      out.update({f'batch_stats/{k}': v for k, v in flatten(one(state['batch_stats'])).items()})
+      out.update(prefixed('batch_stats', flatten(one(state['batch_stats']))))
     out['weight'] = np.asarray(float(self.fed.train.counts[0]), np.float32)
     out['train_loss'] = np.asarray(np.asarray(loss)[0], np.float32)
     return out
@@ -393,10 +391,10 @@ class Server:
     """
     k = self.num_clients
     zeros = lambda t: jax.tree.map(lambda s: np.zeros((k, *s.shape), s.dtype), t)
-    params, agg, local = zeros(self.params), zeros(self.params), zeros(self.params)
-    agg = jax.tree.map(lambda x: np.ones(x.shape, bool), agg)
-    local = jax.tree.map(lambda x: np.zeros(x.shape, bool), local)
-    stats = zeros(self.batch_stats)
+    params, stats = zeros(self.params), zeros(self.batch_stats)
+    # Absent clients: everything 'local' (and weight 0), so no mean reads them.
+    agg = jax.tree.map(lambda s: np.ones((k, *s.shape), bool), self.params)
+    local = jax.tree.map(lambda s: np.zeros((k, *s.shape), bool), self.params)
     weights = np.zeros(k, np.float32)
     for i, up in uploads.items():
       what = f'client {i} upload, round {rnd}'
@@ -406,8 +404,7 @@ class Server:
       for tree, new in ((params, v), (agg, a), (local, lm)):
         jax.tree.map(lambda dst, src: dst.__setitem__(i, src), tree, new)
       if self.method in methods.SHARED_STATS:
-        s = unflatten(self.batch_stats, {kk[12:]: vv for kk, vv in up.items()
-                                         if kk.startswith('batch_stats/')}, what)
+        s = unflatten(self.batch_stats, under('batch_stats', up), what)
         jax.tree.map(lambda dst, src: dst.__setitem__(i, src), stats, s)
       weights[i] = float(up['weight'])
     state = {'params': params, 'batch_stats': stats, 'local_mask': local}
@@ -417,7 +414,7 @@ class Server:
       mine = lambda t: jax.tree.map(lambda x: np.asarray(x)[i], t)
       values = pack(mine(state['params']), replaced_entries(self.method, mine(agg)), 'params')
       if self.method in methods.SHARED_STATS:
-        values.update({f'batch_stats/{kk}': vv for kk, vv in flatten(mine(state['batch_stats'])).items()})
+        values.update(prefixed('batch_stats', flatten(mine(state['batch_stats']))))
       out[i] = values
     present = lambda arr: [float(arr[i]) if i in uploads else None for i in range(k)]
     record = {'clients': sorted(uploads),
@@ -496,15 +493,13 @@ def handle(kind: str, meta: Dict[str, Any], arrays: Flat, index: int, state_dir:
   out: Dict[str, Any] = {'index': index}
   if meta.get('complete') is not None:
     done = int(meta['complete'])
-    values = {k[7:]: v for k, v in arrays.items() if k.startswith('values/')}
-    out['completed'], out['metrics'] = done, hospital.complete(done, values)
+    out['completed'], out['metrics'] = done, hospital.complete(done, under('values', arrays))
   if kind == EVALUATE:
     return out, {}
   if kind != TRAIN:
     raise ValueError(f'unknown message kind {kind!r}')
-  bank = {'windows': arrays['bank/windows'], 'owner': arrays['bank/owner']}
   out['round'] = int(meta['round'])
-  return out, hospital.train(int(meta['round']), bank)
+  return out, hospital.train(int(meta['round']), under('bank', arrays))
 
 
 def serve(config, method: str, seed: int, num_clients: int, send, min_clients: int = 1,
@@ -549,7 +544,7 @@ def serve(config, method: str, seed: int, num_clients: int, send, min_clients: i
   base['slots'] = {s: max(m['counts'][s] for m, _ in replies.values()) for s in federation.SPLITS}
   server = Server(config, method, num_clients, shapes.pop())
   bank = server.bank({k: a for k, (_, a) in replies.items()})
-  bank_arrays = {'bank/windows': bank['windows'], 'bank/owner': bank['owner']}
+  bank_arrays = prefixed('bank', bank)
   log(f'style exchange: {len(replies)} clients, bank of {len(bank["owner"])} windows')
   outbox: Dict[int, Tuple[int, Flat]] = {}
   rounds, final = [], {}
@@ -558,7 +553,7 @@ def serve(config, method: str, seed: int, num_clients: int, send, min_clients: i
     if k in outbox:
       done, values = outbox[k]
       meta = {**meta, 'complete': done}
-      arrays = {**arrays, **{f'values/{n}': v for n, v in values.items()}}
+      arrays = {**arrays, **prefixed('values', values)}
     return meta, arrays
 
   def collect(replies, record_by_round):

@@ -67,9 +67,7 @@ def load_config(path: str, overrides: str = ''):
   spec = importlib.util.spec_from_file_location('pflresfim_run_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
-  cell = {field: values[0] for field, values in sweep.parse_grid(overrides, config)} if overrides else {}
-  return train.resolve(sweep.with_values(config, cell))
+  return train.resolve(sweep.override(module.get_config(), overrides, 'run config overrides'))
 
 
 # ------------------------------------------------------------------ hospital side

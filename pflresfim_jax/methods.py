@@ -45,7 +45,7 @@ class Algorithm(NamedTuple):
   init(key) -> state
   round(state, data, bank, key, rnd) -> (state, metrics)
   local(state, train_data, client_keys [K], lr) -> (state, train_loss [K])
-  server(state, start_params, data, bank, key, rnd) -> (state, info)
+  server(state, start_params, data, bank, client_keys [K], rnd) -> (state, info)
   predict(state, images [K, N, H, W, C]) -> logits [K, N, H, W, 1] of the model each
     client uses (Ditto: its personal model; FedRoD: generic + personal head)
 
@@ -91,6 +91,22 @@ class Context:
   @property
   def strategy(self) -> str:
     return engine.resolve_client_axis(self.config.engine.client_axis)
+
+
+def run_keys(seed: int) -> Tuple[Array, Array]:
+  """(init key, run key) of a run; round r uses ``fold_in(run_key, r)``."""
+  k_init, k_run = jax.random.split(jax.random.PRNGKey(seed))
+  return k_init, k_run
+
+
+def client_keys(round_key: Array, k_clients: int) -> Tuple[Array, Array]:
+  """One round's per-client keys: (training [K], statistics [K]).
+
+  The simulator's round and a deployed client (deploy.py) both draw from here, so
+  client k gets the same randomness on either path.
+  """
+  k_train, k_server = jax.random.split(round_key)
+  return jax.random.split(k_train, k_clients), jax.random.split(k_server, k_clients)
 
 
 def lr_factor(config, rounds: int, rnd: Array) -> Array:
@@ -302,9 +318,8 @@ def build(name: str, ctx: Context) -> Algorithm:
       info['layer_fraction'] = jax.vmap(masks.module_fractions)(state['local_mask'])
     return state, info
 
-  def server(state, start, data, bank, key, rnd):
-    state, agg_mask = stats(state, start, data['train'], bank, jax.random.split(key, k_clients),
-                            rnd, jnp.arange(k_clients))
+  def server(state, start, data, bank, keys, rnd):
+    state, agg_mask = stats(state, start, data['train'], bank, keys, rnd, jnp.arange(k_clients))
     return aggregate_fn(state, agg_mask, data['train']['count'].astype(jnp.float32), rnd)
 
   # ---------------------------------------------------------------- evaluation
@@ -330,10 +345,10 @@ def build(name: str, ctx: Context) -> Algorithm:
 
   def round_fn(state, data, bank, key, rnd):
     lr = cfg.lr * lr_factor(cfg, ctx.rounds, rnd)
-    k_train, k_server = jax.random.split(key)
+    train_keys, stats_keys = client_keys(key, k_clients)
     start = state['params']
-    state, train_loss = train(state, data['train'], jax.random.split(k_train, k_clients), lr)
-    state, info = server(state, start, data, bank, k_server, rnd)
+    state, train_loss = train(state, data['train'], train_keys, lr)
+    state, info = server(state, start, data, bank, stats_keys, rnd)
     metrics = evaluate(state, data)
     return state, {**metrics, **info, 'train_loss': train_loss}
 

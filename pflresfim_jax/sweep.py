@@ -43,6 +43,38 @@ def _value(text: str, like: Any) -> Any:
     return text
 
 
+def _field_value(config: ml_collections.ConfigDict, field: str, who: str) -> Any:
+  """The current value of dotted ``field`` (its type types the new values)."""
+  node = config
+  *path, last = field.split('.')
+  try:
+    for p in path:
+      node = node[p]
+    return node[last]
+  except (KeyError, AttributeError):
+    raise ValueError(f'{who}: config has no field {field!r}') from None
+
+
+def override(config: ml_collections.ConfigDict, spec: str, who: str = 'override'
+             ) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with ``'field=value;other.field=value'`` applied, each value
+  typed like its field (commas stay inside a value: ``method=fedavg,local``).
+
+  Raises ValueError naming the field when it does not exist or a value does not parse.
+  """
+  cell = {}
+  for part in [p.strip() for p in spec.split(';') if p.strip()]:
+    if '=' not in part:
+      raise ValueError(f'{who}: {part!r} is not field=value')
+    field, value = (s.strip() for s in part.split('=', 1))
+    like = _field_value(config, field, who)
+    try:
+      cell[field] = _value(value, like)
+    except (ValueError, SyntaxError) as e:
+      raise ValueError(f'{who}: field {field}: {e}') from None
+  return with_values(config, cell)
+
+
 def parse_grid(spec: str, config: ml_collections.ConfigDict) -> List[Tuple[str, List[Any]]]:
   """``'a.b=1,2;c=x,y'`` -> ``[('a.b', [1, 2]), ('c', ['x', 'y'])]`` typed like the config.
 
@@ -53,14 +85,7 @@ def parse_grid(spec: str, config: ml_collections.ConfigDict) -> List[Tuple[str, 
     if '=' not in part:
       raise ValueError(f'sweep: {part!r} is not field=value1,value2,...')
     field, values = (s.strip() for s in part.split('=', 1))
-    node = config
-    *path, last = field.split('.')
-    try:
-      for p in path:
-        node = node[p]
-      like = node[last]
-    except (KeyError, AttributeError):
-      raise ValueError(f'sweep: config has no field {field!r}') from None
+    like = _field_value(config, field, 'sweep')
     if field in ('method', 'seeds'):
       raise ValueError(f'sweep: set {field} with --config.{field}; it applies to every cell')
     try:

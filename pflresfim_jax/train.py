@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from pflresfim_jax import checkpoint, methods, models, spectral
+from pflresfim_jax import checkpoint, distributed, methods, models, spectral
 from pflresfim_jax.clients import engine, sharding
 from pflresfim_jax.config import METHODS
 from pflresfim_jax.data import federation
@@ -125,7 +125,8 @@ def build_bank(fed: federation.Federation, config, mesh=None) -> Dict[str, jax.A
 
 
 class Progress:
-  """A one-line progress bar on a terminal; one log line per round otherwise."""
+  """A one-line progress bar on a terminal; one log line per round otherwise (``stream``
+  None: silent)."""
 
   def __init__(self, total: int, label: str, stream=sys.stderr):
     self.total, self.label, self.stream = total, label, stream
@@ -133,6 +134,8 @@ class Progress:
     self.start = time.time()
 
   def update(self, done: int, text: str):
+    if self.stream is None:   # silent (processes other than 0 under jax.distributed)
+      return
     bar = '#' * int(20 * done / self.total)
     line = f'{self.label} [{bar:<20}] {done}/{self.total} {text} ({time.time() - self.start:.0f}s)'
     if self.tty:
@@ -222,13 +225,8 @@ def _event_writer(config, run_dir: str):
   return None
 
 
-def _main_process() -> bool:
-  """Only process 0 writes files (jax.distributed runs; always true on one process)."""
-  return jax.process_index() == 0
-
-
 def _write_atomic(path: str, text: str) -> None:
-  if not _main_process():
+  if not distributed.is_main():
     return
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
@@ -284,7 +282,7 @@ def run_one(config, fed: federation.Federation, method: str, seed: int, workdir:
   data = device_data(fed, mesh) if data is None else data
   bank = build_bank(fed, config, mesh) if bank is None else bank
   init_fn, round_fn = compiled or compile_method(config, fed, method, mesh)
-  k_init, k_run = jax.random.split(jax.random.PRNGKey(seed))
+  k_init, k_run = methods.run_keys(seed)
   k = fed.num_clients
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), config.checkpoint.every,
                                  config.checkpoint.keep)
@@ -315,9 +313,9 @@ def run_one(config, fed: federation.Federation, method: str, seed: int, workdir:
   start = 0 if start is None else start + 1
   mesh_clients = sharding.padded_clients(k, mesh)
   half = config.rounds // 2
-  main = _main_process()
+  main = distributed.is_main()
   writer = _event_writer(config, workdir) if main else None
-  progress = Progress(config.rounds, f'{method} seed {seed}', stream=sys.stderr if main else open(os.devnull, 'w'))
+  progress = Progress(config.rounds, f'{method} seed {seed}', stream=sys.stderr if main else None)
   last_val = None
   try:
     with open(metrics_path if main else os.devnull, 'a') as out:
@@ -414,7 +412,7 @@ def prepare_workdir(config, workdir: str) -> str:
   if jax.process_count() > 1 and not config.resume:
     raise ValueError('config.resume=false picks a fresh run-<n> folder per process; with '
                      'config.distributed pass a new --workdir instead')
-  if _main_process():
+  if distributed.is_main():
     checkpoint.check_writable(workdir)
   saved_path = os.path.join(workdir, 'config.json')
   now = json.loads(config.to_json_best_effort())
@@ -475,7 +473,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     for method in parse_methods(config.method):
       compiled = compile_method(config, fed, method, mesh)
       state_bytes = checkpoint.tree_bytes(jax.eval_shape(compiled[0], jax.random.PRNGKey(0)))
-      if _main_process():
+      if distributed.is_main():
         checkpoint.check_writable(workdir, len(seeds) * (config.checkpoint.keep + 1) * state_bytes)
       per_seed = [run_one(config, fed, method, seed, os.path.join(workdir, method, f'seed{seed}'),
                           data, bank, compiled, stop, mesh) for seed in seeds]
@@ -484,7 +482,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       tables = results_table(fed.clients, rows)  # rewritten after every method: partial results survive
       for ext in ('md', 'csv'):
         _write_atomic(os.path.join(workdir, f'results.{ext}'), tables[ext])
-  if not _main_process():
+  if not distributed.is_main():
     return {'workdir': workdir, 'clients': list(fed.clients), 'methods': results, 'tables': tables}
   print(f'\nTest Dice (%) per client, recorded at the best val Dice of rounds '
         f'{config.rounds // 2}..{config.rounds - 1}:\n')

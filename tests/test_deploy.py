@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fed_helpers import tiny_config
-from pflresfim_jax import deploy, train
+from pflresfim_jax import deploy, methods, train
 
 
 def test_pack_unpack_round_trip_and_errors():
@@ -30,13 +30,15 @@ def test_pack_unpack_round_trip_and_errors():
     deploy.unpack(tree, {k: v for k, v in flat.items() if not k.startswith('params/b')},
                   'params', 'client 2 upload')
   assert deploy.unflatten(tree, deploy.flatten(tree))['b'].shape == (7,)
+  assert deploy.under('params', flat) == {k[len('params/'):]: v for k, v in flat.items()}
+  assert set(deploy.prefixed('up', deploy.under('params', flat))) == {'up/' + k[7:] for k in flat}
 
 
 def _simulate(cfg, method, rounds):
   fed = train.load_federation(cfg)
   init_fn, round_fn = train.compile_method(cfg, fed, method)
   data, bank = train.device_data(fed), train.build_bank(fed, cfg)
-  k_init, k_run = deploy.round_keys(0)
+  k_init, k_run = methods.run_keys(0)
   state = init_fn(k_init)
   for r in range(rounds):
     state, metrics = round_fn(state, data, bank, jax.random.fold_in(k_run, r), jnp.int32(r))

@@ -17,7 +17,8 @@ def one_round(method, **overrides):
   lr = jnp.float32(cfg.lr)
   keys = jax.random.split(jax.random.PRNGKey(1), fed.num_clients)
   trained, _ = jax.jit(algo.local)(state0, data['train'], keys, lr)
-  after, info = jax.jit(algo.server)(trained, state0['params'], data, bank, jax.random.PRNGKey(2),
+  after, info = jax.jit(algo.server)(trained, state0['params'], data, bank,
+                                     jax.random.split(jax.random.PRNGKey(2), fed.num_clients),
                                      jnp.int32(0))
   return state0, trained, after, info, data
 

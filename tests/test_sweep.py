@@ -43,3 +43,16 @@ def test_sweep_runs_cells_skips_finished_and_combines(tmp_path, caplog):
   assert sweep.run(cfg, 'phantom.seed=0,1', str(tmp_path)) == tables
   assert sum('finished earlier' in r.getMessage() for r in caplog.records) == 2
   assert os.path.getmtime(tmp_path / 'phantom.seed=1' / 'local' / 'seed0' / 'result.json') == stamp
+
+
+def test_override_types_values_keeps_commas_and_names_bad_fields():
+  c = config_lib.base_config()
+  out = sweep.override(c, 'rounds=3; method=fedavg,local ;resfim.ratio=0.1;model.base=4')
+  assert out.rounds == 3 and out.method == 'fedavg,local' and out.resfim.ratio == 0.1
+  assert out.model.base == 4 and c.method != 'fedavg,local'      # a copy
+  with pytest.raises(ValueError, match="--set: config has no field 'no.such'"):
+    sweep.override(c, 'no.such=1', '--set')
+  with pytest.raises(ValueError, match='override: field local_epochs'):
+    sweep.override(c, 'local_epochs=many')
+  with pytest.raises(ValueError, match="'rounds' is not field=value"):
+    sweep.override(c, 'rounds')
