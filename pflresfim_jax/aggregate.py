@@ -11,7 +11,7 @@ sharded client axis the sums become all-reduces.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -24,18 +24,32 @@ def _weights_like(weights: Array, x: Array) -> Array:
   return weights.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
 
 
-def masked_mean(stacked_params: PyTree, local_mask: PyTree, weights: Array) -> PyTree:
+def masked_mean(stacked_params: PyTree, local_mask: PyTree,
+                weights: Optional[Array] = None) -> PyTree:
   """METHOD.md 4's rule.
 
   Args:
     stacked_params: pytree of ``[K, ...]`` arrays.
     local_mask: bool pytree, each leaf broadcastable to its parameter leaf
       (``[K, ...]`` per client, or ``[...]`` shared by all clients).
-    weights: ``[K]`` client weights (e.g. training-set sizes; 0 = absent client).
+    weights: ``[K]`` client weights (e.g. training-set sizes; 0 = absent client);
+      None: equal weights.
 
   Returns:
     The new stacked params (same structure, shapes and dtypes).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from pflresfim_jax import aggregate
+    >>> theta = {'w': jnp.array([[1.0, 10.0], [3.0, 20.0]])}        # 2 clients
+    >>> local = {'w': jnp.array([[False, True], [False, False]])}    # client 0 keeps w[1]
+    >>> aggregate.masked_mean(theta, local)['w']
+    Array([[ 2., 10.],
+           [ 2., 20.]], dtype=float32)
   """
+  if weights is None:
+    weights = jnp.ones(jax.tree.leaves(stacked_params)[0].shape[:1], jnp.float32)
+
   def leaf(theta, mask):
     mask = jnp.broadcast_to(mask, theta.shape)
     share = _weights_like(weights, theta) * (~mask)

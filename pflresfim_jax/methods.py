@@ -240,8 +240,14 @@ def build(name: str, ctx: Context) -> Algorithm:
     return new, loss
 
   # ---------------------------------------------------------------- server
+  f = cfg.fisher
+  estimate_resfim = resfim.estimator(
+      model, loss=f.loss, residual=cfg.resfim.residual,
+      chunk_size=engine.resolve_fisher_chunk(f.chunk_size, unroll),
+      spectral_ratio=cfg.spectral.ratio, lam_range=(cfg.spectral.lam_min, cfg.spectral.lam_max),
+      eps=cfg.resfim.eps, unroll=unroll)
+
   def resfim_masks(state, data, bank, keys, client_ids):
-    f = cfg.fisher
     nmax = data['image'].shape[1]
     m = min(int(f.num_examples), nmax)
 
@@ -249,14 +255,9 @@ def build(name: str, ctx: Context) -> Algorithm:
       k_pick, k_sim = jax.random.split(k)
       order = engine.epoch_order(k_pick, d['count'], nmax, nmax)[:m]
       batch = {'image': d['image'][order], 'label': d['label'][order],
-               'mask': jnp.arange(m) < d['count']}
-      r = resfim.estimate(params, batch, apply_fn=apply_eval, model_state=stats, key=k_sim,
-                          bank=bank['windows'], bank_owner=bank['owner'], client_id=client_id,
-                          spectral_ratio=cfg.spectral.ratio,
-                          lam_range=(cfg.spectral.lam_min, cfg.spectral.lam_max),
-                          loss=f.loss, kind=cfg.resfim.residual,
-                          chunk_size=engine.resolve_fisher_chunk(f.chunk_size, unroll),
-                          eps=cfg.resfim.eps, unroll=unroll)
+               'mask': jnp.arange(m) < d['count'], 'key': k_sim,
+               'style': bank['windows'], 'style_owner': bank['owner'], 'client_id': client_id}
+      r = estimate_resfim({'params': params, 'batch_stats': stats}, batch)
       return resfim.partition(r, cfg.resfim.ratio, cfg.resfim.scope)
     # The (small) bank goes to every client as an argument, not a closure: inside a
     # shard_map over devices a closed-over sharded array cannot be indexed.

@@ -1,34 +1,159 @@
-"""Residual Fisher Information (ResFIM) and the local/shared partition (METHOD.md 3).
+"""Residual Fisher Information (ResFIM): which parameters are domain-sensitive.
+
+The three calls a federated loop needs (settings bound once, data passed each call)::
+
+    estimate = resfim.estimator(model)             # a Flax module or apply_fn(variables, x)
+    R = estimate(variables, batch)                 # pytree shaped like variables['params']
+    local = resfim.partition(R, ratio=0.2)         # bool pytree, True = keep local
+    new = aggregate.masked_mean(stacked_params, stacked_local)   # on the server
+
+``batch`` holds the client's own data and the other clients' styles:
+
+* 'image' ``[N, H, W, C]`` in [0, 1] and 'label' ``[N, H, W, 1]``;
+* either 'sim_image' ``[N, H, W, C]`` (the same images already restyled), or
+  'style' ``[M, 2b+1, 2b+1, C]`` (other clients' amplitude windows, from
+  :func:`pflresfim_jax.spectral.amplitude_bank`) and 'key' (a PRNG key);
+* optional 'mask' bool ``[N]`` (real examples of a padded batch), and 'style_owner'
+  int ``[M]`` with 'client_id' (windows owned by ``client_id``, or by -1, are never
+  drawn: for a bank that holds every client's windows).
+
+One shot, with every setting at its default: ``resfim.estimate(variables, batch, model)``.
+
+What it computes (METHOD.md 3)::
 
     R = |F_sim - F_orig|                          (residual='abs', default)
     R = |F_sim - F_orig| / (F_orig + eps)         (residual='relative')
 
-``F_orig`` is the diagonal Fisher of the client's model on its own examples,
-``F_sim`` on the same examples rendered in other clients' styles (spectral
-transfer), with the same labels. BatchNorm runs in inference mode (running
-statistics) and there is no dropout while estimating: a per-example vmap with
-train-mode BN would normalise every example by itself and change the function.
-
-Library use::
-
-    R = resfim.estimate(params, batch, apply_fn=models.inference_fn(model),
-                        model_state=batch_stats, bank=bank, bank_owner=owner,
-                        client_id=0, key=key)
-    local = resfim.partition(R, ratio=0.2)           # True = domain-sensitive
+``F_orig`` is the diagonal empirical Fisher of the model on the client's examples,
+``F_sim`` on the same examples rendered in other clients' styles (spectral transfer,
+:func:`pflresfim_jax.spectral.simulate`), with the same labels. The model runs in
+inference mode (BatchNorm running statistics, no dropout): a per-example vmap with
+train-mode BatchNorm would normalise every example by itself and change the function.
+An nnx module goes through :func:`nnx_model`.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Tuple
+import inspect
+from typing import Any, Callable, Mapping, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 
 from pflresfim_jax import fisher, losses, masks, spectral
 
 Array = jax.Array
 PyTree = Any
+Estimate = Callable[[PyTree, Mapping[str, Array]], PyTree]
 
 RESIDUALS = ('abs', 'relative')
+# Keyword arguments that put a linen module in inference mode, by the name its
+# __call__ gives them: BatchNorm on running statistics, dropout off.
+_INFERENCE_KWARGS = {'train': False, 'training': False, 'deterministic': True,
+                     'use_running_average': True}
+
+
+def estimator(model: Union[nn.Module, Callable[[PyTree, Array], Array]], *,
+              loss: Union[str, Callable[[Array, Array], Array]] = 'nll',
+              residual: str = 'abs', chunk_size: int = 1,
+              spectral_ratio: float = 0.01, lam_range: Tuple[float, float] = (0.0, 1.0),
+              value_range: Optional[Tuple[float, float]] = (0.0, 1.0),
+              eps: float = 1e-8, unroll: bool = False,
+              apply_kwargs: Optional[Mapping[str, Any]] = None) -> Estimate:
+  """Bind the settings once; returns a pure, jittable ``estimate(variables, batch)``.
+
+  Args:
+    model: a ``flax.linen.Module`` (applied in inference mode: a ``train`` /
+      ``deterministic`` / ``use_running_average`` argument of its ``__call__`` is set
+      accordingly), or ``apply_fn(variables, images [N,H,W,C]) -> logits [N,H,W,1]``
+      (for an nnx module, see :func:`nnx_model`).
+    loss: per-example loss ``loss(logits [H,W,1], label [H,W,1]) -> scalar``, or
+      'nll' (pixel-mean BCE, config ``fisher.loss``) / 'train' (Dice + BCE).
+    residual: 'abs' or 'relative' (config ``resfim.residual``).
+    chunk_size: examples per vmapped gradient (config ``fisher.chunk_size``; speed only).
+    spectral_ratio: window ratio L the style windows were made with (``spectral.ratio``).
+    lam_range: blend strength range ``(lam_min, lam_max)`` (``spectral.lam_*``).
+    value_range: pixel range simulated images are clipped to, or None.
+    eps: the 'relative' residual's denominator offset (``resfim.eps``).
+    unroll: unroll the Fisher chunk loop (see :func:`fisher.diagonal`).
+    apply_kwargs: extra keyword arguments for a linen module's ``apply`` (override
+      the inference-mode defaults above).
+
+  Returns:
+    ``estimate(variables, batch) -> R``. ``variables`` is Flax's
+    ``{'params': ..., 'batch_stats': ...}`` (collections other than 'params' are held
+    fixed), or the parameters alone for a model without state; ``R`` is float32,
+    shaped like the parameters. ``batch``: see the module docstring.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> from pflresfim_jax import resfim
+    >>> model = nn.Conv(1, (3, 3))
+    >>> params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))['params']
+    >>> batch = {'image': jnp.full((2, 8, 8, 3), 0.5), 'label': jnp.ones((2, 8, 8, 1)),
+    ...          'sim_image': jnp.full((2, 8, 8, 3), 0.25)}
+    >>> estimate = jax.jit(resfim.estimator(model))
+    >>> jax.tree.map(jnp.shape, estimate(params, batch))
+    {'bias': (1,), 'kernel': (3, 3, 3, 1)}
+  """
+  if residual not in RESIDUALS:
+    raise ValueError(f'resfim.residual must be one of {RESIDUALS}, got {residual!r}')
+  if not 0.0 <= spectral_ratio < 0.5:   # checked here, before anything is traced
+    raise ValueError(f'spectral.ratio must be in [0, 0.5), got {spectral_ratio!r}')
+  apply_fn = _linen_apply(model, apply_kwargs) if isinstance(model, nn.Module) else model
+  per_image = losses.per_example(loss) if isinstance(loss, str) else loss
+
+  def estimate(variables: PyTree, batch: Mapping[str, Array]) -> PyTree:
+    with_state = isinstance(variables, Mapping) and 'params' in variables
+    params = variables['params'] if with_state else variables
+
+    def loss_fn(p, example):
+      v = {**variables, 'params': p} if with_state else p
+      return per_image(apply_fn(v, example['image'][None])[0], example['label'])
+
+    images, labels, mask = batch['image'], batch['label'], batch.get('mask')
+    sim = _simulated(batch, spectral_ratio, lam_range, value_range)
+    f_orig = fisher.diagonal(loss_fn, params, {'image': images, 'label': labels},
+                             chunk_size, mask, unroll)
+    f_sim = fisher.diagonal(loss_fn, params, {'image': sim, 'label': labels},
+                            chunk_size, mask, unroll)
+    return _residual(f_orig, f_sim, residual, eps)
+  return estimate
+
+
+def estimate(variables: PyTree, batch: Mapping[str, Array], model, **settings) -> PyTree:
+  """One-shot ``estimator(model, **settings)(variables, batch)``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> from pflresfim_jax import resfim, spectral
+    >>> model = nn.Conv(1, (3, 3))
+    >>> params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))['params']
+    >>> images = jax.random.uniform(jax.random.PRNGKey(1), (4, 16, 16, 3))
+    >>> others = spectral.amplitude_bank(images[::-1], ratio=0.1)   # other clients' styles
+    >>> batch = {'image': images, 'label': (images[..., :1] > 0.5).astype(jnp.float32),
+    ...          'style': others, 'key': jax.random.PRNGKey(2)}
+    >>> R = resfim.estimate(params, batch, model, spectral_ratio=0.1)
+    >>> resfim.partition(R, ratio=0.2)['kernel'].sum()   # ceil(0.2 * 27) entries local
+    Array(6, dtype=int32)
+  """
+  return estimator(model, **settings)(variables, batch)
+
+
+def partition(resfim: PyTree, ratio: float = 0.2, scope: str = 'tensor') -> PyTree:
+  """Domain-sensitive entries: True = keep local (the top ``ratio`` by ResFIM).
+
+  'tensor' scope ranks within every tensor, 'global' over all entries after
+  dividing each tensor by its mean; see :func:`pflresfim_jax.masks.top_fraction`
+  for the rounding (``ceil``) and tie rules.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from pflresfim_jax import resfim
+    >>> resfim.partition({'w': jnp.array([0.1, 0.9, 0.3, 0.2, 0.0])}, ratio=0.4)
+    {'w': Array([False,  True,  True, False, False], dtype=bool)}
+  """
+  return masks.top_fraction(resfim, ratio, scope)
 
 
 def residual(f_orig: PyTree, f_sim: PyTree, kind: str = 'abs', eps: float = 1e-8) -> PyTree:
@@ -40,73 +165,61 @@ def residual(f_orig: PyTree, f_sim: PyTree, kind: str = 'abs', eps: float = 1e-8
   raise ValueError(f'resfim.residual must be one of {RESIDUALS}, got {kind!r}')
 
 
-def estimate(params: PyTree, batch: Mapping[str, Array], *,
-             apply_fn: Callable[[PyTree, PyTree, Array], Array],
-             model_state: PyTree = None,
-             key: Optional[Array] = None,
-             bank: Optional[Array] = None,
-             bank_owner: Optional[Array] = None,
-             client_id=0,
-             spectral_ratio: float = 0.01,
-             lam_range: Tuple[float, float] = (0.0, 1.0),
-             loss: str = 'nll',
-             kind: str = 'abs',
-             chunk_size: int = 1,
-             eps: float = 1e-8,
-             value_range: Optional[Tuple[float, float]] = (0.0, 1.0),
-             unroll: bool = False) -> PyTree:
-  """ResFIM of one client's model on one batch.
+_residual = residual   # estimator's keyword of the same name hides the function
 
-  Args:
-    params: the model's trainable parameters.
-    batch: dict with 'image' ``[N, H, W, C]`` and 'label' ``[N, H, W, 1]``; an
-      optional 'mask' bool ``[N]`` marks real examples of a padded batch; an optional
-      'sim_image' ``[N, H, W, C]`` supplies the simulated images directly (then the
-      bank is not needed).
-    apply_fn: ``apply_fn(params, model_state, images) -> logits [N, H, W, 1]`` in
-      inference mode (see :func:`pflresfim_jax.models.inference_fn`).
-    model_state: non-trainable state passed to ``apply_fn`` (BN running stats).
-    key: PRNG key for :func:`spectral.simulate` (needed with a bank).
-    bank, bank_owner: the shared amplitude windows ``[M, 2b+1, 2b+1, C]`` and their
-      owners ``[M]``.
-    client_id: this client's id in ``bank_owner``.
-    spectral_ratio, lam_range: spectral transfer settings (config ``spectral.*``).
-    loss: per-example loss, 'nll' (pixel-mean BCE) or 'train' (Dice+BCE).
-    kind: 'abs' or 'relative' (config ``resfim.residual``).
-    chunk_size: examples per vmapped gradient chunk (config ``fisher.chunk_size``).
-    eps: the 'relative' residual's denominator offset.
-    value_range: valid pixel range the simulated images are clipped to.
-    unroll: unroll the Fisher chunk loop (see :func:`fisher.diagonal`).
 
-  Returns:
-    float32 pytree shaped like ``params``.
+def nnx_model(module) -> Tuple[Callable[[PyTree, Array], Array], PyTree]:
+  """Adapter for a ``flax.nnx`` module: ``(apply_fn, variables)`` for :func:`estimator`.
+
+  The module is put in eval mode (BatchNorm on running statistics, dropout off) and
+  split into its parameters (``nnx.Param``) and the rest; ``variables`` is
+  ``{'params': nnx.State, 'rest': nnx.State}`` and R is shaped like its 'params'.
+  After training, call it again for the module's current values.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from pflresfim_jax import resfim
+    >>> apply_fn, variables = resfim.nnx_model(nnx.Conv(3, 1, (3, 3), rngs=nnx.Rngs(0)))
+    >>> batch = {'image': jnp.full((2, 8, 8, 3), 0.5), 'label': jnp.ones((2, 8, 8, 1)),
+    ...          'sim_image': jnp.full((2, 8, 8, 3), 0.25)}
+    >>> R = resfim.estimator(apply_fn)(variables, batch)
+    >>> R['kernel'].shape
+    (3, 3, 3, 1)
   """
-  images, labels = batch['image'], batch['label']
+  from flax import nnx   # only for nnx users
+  module.eval()
+  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+  def apply_fn(variables, images):
+    return nnx.merge(graphdef, variables['params'], variables['rest'])(images)
+  return apply_fn, {'params': params, 'rest': rest}
+
+
+def _linen_apply(module: nn.Module, apply_kwargs: Optional[Mapping[str, Any]]):
+  """``apply_fn(variables, images)`` of a linen module in inference mode."""
+  accepted = inspect.signature(type(module).__call__).parameters
+  kwargs = {k: v for k, v in _INFERENCE_KWARGS.items() if k in accepted}
+  kwargs.update(apply_kwargs or {})
+
+  def apply_fn(variables, images):
+    v = variables if isinstance(variables, Mapping) and 'params' in variables else {'params': variables}
+    return module.apply(v, images, **kwargs)
+  return apply_fn
+
+
+def _simulated(batch: Mapping[str, Array], ratio: float, lam_range, value_range) -> Array:
+  """The batch's images in other clients' styles: 'sim_image', or drawn from 'style'."""
   if 'sim_image' in batch:
-    sim = batch['sim_image']
-  elif bank is None or bank_owner is None or key is None:
-    raise ValueError("resfim.estimate needs bank, bank_owner and key, or batch['sim_image']")
+    return batch['sim_image']
+  if 'style' not in batch or 'key' not in batch:
+    raise ValueError("resfim: the batch needs 'sim_image', or 'style' (other clients' "
+                     f"amplitude windows) and 'key'; it has {sorted(batch)}")
+  style = batch['style']
+  owner = batch.get('style_owner')
+  if owner is None:   # every window is another client's
+    owner, client_id = jnp.zeros(style.shape[:1], jnp.int32), -1
   else:
-    sim = spectral.simulate(key, images, client_id, bank, bank_owner, spectral_ratio,
-                            lam_range, value_range)
-  per_image = losses.per_example(loss)
-
-  def loss_fn(p, example):
-    logits = apply_fn(p, model_state, example['image'][None])
-    return per_image(logits[0], example['label'])
-
-  mask = batch.get('mask')
-  f_orig = fisher.diagonal(loss_fn, params, {'image': images, 'label': labels},
-                           chunk_size, mask, unroll)
-  f_sim = fisher.diagonal(loss_fn, params, {'image': sim, 'label': labels},
-                          chunk_size, mask, unroll)
-  return residual(f_orig, f_sim, kind, eps)
-
-
-def partition(resfim: PyTree, ratio: float = 0.2, scope: str = 'tensor') -> PyTree:
-  """Domain-sensitive entries: True = keep local (top ``ratio`` by ResFIM).
-
-  See :func:`pflresfim_jax.masks.top_fraction` for 'tensor' / 'global' scope and the
-  rounding and tie rules.
-  """
-  return masks.top_fraction(resfim, ratio, scope)
+    client_id = batch.get('client_id', -1)
+  return spectral.simulate(batch['key'], batch['image'], client_id, style, owner, ratio,
+                           lam_range, value_range)
