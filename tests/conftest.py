@@ -7,7 +7,10 @@ import tempfile
 # compiled programs between tests and the entry points they start as subprocesses
 # through a compilation cache private to this test session.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-os.environ.setdefault('XLA_FLAGS', '--xla_backend_optimization_level=0')
+# Appended, so that a setting from outside (CI's second pass sets
+# --xla_cpu_max_isa) keeps the fast compile too.
+if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0').strip()
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='pflresfim-test-xla-'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')

@@ -6,7 +6,9 @@ import pytest
 from pflresfim_jax import train
 from pflresfim_jax.clients import engine
 from fed_helpers import setup
-from helpers import random_batch, tiny_unet
+from helpers import assert_tree_close, random_batch, sum_rtol, tiny_unet
+
+pytestmark = pytest.mark.reference
 
 
 def test_resolve():
@@ -50,9 +52,14 @@ def test_padding_never_changes_the_model():
   padded = {'image': b['image'].at[4:].set(9.0), 'label': b['label'], 'count': jnp.int32(4)}
   ((p1, s1, _), l1), _ = _train(real, jax.random.PRNGKey(0), epochs=1)
   ((p2, s2, _), l2), _ = _train(padded, jax.random.PRNGKey(0), epochs=1)
+  # One step on a batch of 4 vs 8 with a mask: BatchNorm and loss reduce over 4 x 16 x 16
+  # values in another shape (tol). Adam's first step is +-lr whatever the gradient's size,
+  # so parameters differ only where a gradient is at noise level: rtol 1e-4 (a leak of
+  # the padding flips update signs: differences of 2 lr = 0.02).
+  tol = sum_rtol(4 * 16 * 16)
   jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-6), p1, p2)
-  jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-6), s1, s2)
-  np.testing.assert_allclose(l1, l2, rtol=1e-5)
+  assert_tree_close(s2, s1, rtol=tol, atol_rel=tol)
+  np.testing.assert_allclose(l1, l2, rtol=tol)
 
 
 def test_client_without_data_is_unchanged():
@@ -76,10 +83,14 @@ def test_vmap_and_map_agree_and_round_compiles_once():
     assert round_fn._cache_size() == 1, 'the round function must not recompile after round 1'
     results[axis] = (state, metrics)
   (s_v, m_v), (s_m, m_m) = results['vmap'], results['map']
+  # Two rounds at lr 1e-6: params move ~1e-5 and differ by less than that.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
                s_v['params'], s_m['params'])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
                s_v['batch_stats'], s_m['batch_stats'])
+  # Statistics and losses reduce over a client's data (up to 40 x 16 x 16 values) in
+  # grouped (vmap) vs plain (map) convolutions: 1e-3 / 1e-4 relative; Dice is a fraction
+  # of pixels, where a pixel at the threshold could flip.
   np.testing.assert_allclose(m_v['train_loss'], m_m['train_loss'], rtol=1e-4)
   np.testing.assert_allclose(m_v['val']['dice'], m_m['val']['dice'], atol=1e-4)
   agree = np.mean([np.mean(np.asarray(a) == np.asarray(b)) for a, b in

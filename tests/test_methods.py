@@ -8,6 +8,12 @@ import pytest
 
 from pflresfim_jax import masks, models
 from fed_helpers import leaves_equal_across_clients, setup
+from helpers import EPS32, assert_tree_close, sum_rtol
+
+
+def mean_tol(x):
+  """A float32 weighted mean over the 3 clients against float64: 3 eps of the terms."""
+  return dict(rtol=sum_rtol(3), atol=sum_rtol(3) * float(np.abs(x).max()))
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,9 +51,10 @@ def test_local_keeps_everything():
   _, trained, after, info, _ = one_round('local')
   jax.tree.map(np.testing.assert_array_equal, trained['params'], after['params'])
   assert none_equal_across_clients(after['params'])
-  np.testing.assert_allclose(info['local_fraction'], 1.0)
+  np.testing.assert_array_equal(info['local_fraction'], 1.0)   # a count over itself
 
 
+@pytest.mark.reference   # against numpy / another program
 @pytest.mark.parametrize('method', ['fedavg', 'fedprox'])
 def test_fedavg_family_shares_everything(method):
   _, trained, after, _, data = one_round(method)
@@ -55,7 +62,7 @@ def test_fedavg_family_shares_everything(method):
   w = np.asarray(data['train']['count'], np.float64)
   x = np.asarray(trained['params']['head']['kernel'], np.float64)
   np.testing.assert_allclose(after['params']['head']['kernel'][0],
-                             np.tensordot(w, x, 1) / w.sum(), rtol=1e-5, atol=1e-7)
+                             np.tensordot(w, x, 1) / w.sum(), **mean_tol(x))
 
 
 def test_fedprox_pull():
@@ -125,6 +132,7 @@ def test_fedrod_personal_head_stays_local():
   assert none_equal_across_clients(after['batch_stats'])
 
 
+@pytest.mark.reference   # against numpy / another program
 def test_fedcac_critical_entries():
   s0, trained, after, info, data = one_round('fedcac')
   for m in jax.tree.leaves(after['local_mask']):
@@ -136,10 +144,11 @@ def test_fedcac_critical_entries():
   mean = np.tensordot(w, x, 1) / w.sum()
   crit = np.asarray(after['local_mask']['head']['kernel'])
   got = np.asarray(after['params']['head']['kernel'])
-  np.testing.assert_allclose(got[~crit], np.broadcast_to(mean, got.shape)[~crit], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(got[~crit], np.broadcast_to(mean, got.shape)[~crit], **mean_tol(x))
   assert np.all(np.asarray(info['collaborators']) >= 1)
 
 
+@pytest.mark.reference   # against numpy / another program
 def test_pfl_resfim_keeps_top_ratio_local_and_averages_the_rest():
   _, trained, after, info, data = one_round('pfl_resfim')
   mask = after['local_mask']
@@ -155,14 +164,14 @@ def test_pfl_resfim_keeps_top_ratio_local_and_averages_the_rest():
     den = share.sum(0)
     g = np.where(den > 0, (share * theta).sum(0) / np.where(den > 0, den, 1), 0)
     want = np.where(m | (den == 0), theta, g)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, want, **mean_tol(theta))
   assert none_equal_across_clients(after['batch_stats'])
-  np.testing.assert_allclose(info['local_fraction'], 0.2, atol=0.05)
+  np.testing.assert_allclose(info['local_fraction'], 0.2, atol=0.05)   # ceil(20%) per tensor
   # Per-module fractions (the report's heat map) agree with the mask.
   head = np.asarray(mask['head']['kernel']).reshape(mask['head']['kernel'].shape[0], -1)
   head_b = np.asarray(mask['head']['bias']).reshape(head.shape[0], -1)
-  np.testing.assert_allclose(info['layer_fraction']['head'],
-                             (head.sum(1) + head_b.sum(1)) / (head.shape[1] + head_b.shape[1]))
+  np.testing.assert_allclose(info['layer_fraction']['head'],   # one float32 division of counts
+                             (head.sum(1) + head_b.sum(1)) / (head.shape[1] + head_b.shape[1]), rtol=EPS32)
 
 
 def test_pfl_resfim_warmup_is_fedavg():
@@ -170,6 +179,7 @@ def test_pfl_resfim_warmup_is_fedavg():
   assert all_equal_across_clients(after['params'])
 
 
+@pytest.mark.reference   # against numpy / another program
 @pytest.mark.parametrize('method', ['fedavg', 'ditto'])
 def test_predict_uses_each_clients_model(method):
   """Algorithm.predict: the model a client is evaluated with (Ditto: the personal one)."""
@@ -182,7 +192,9 @@ def test_predict_uses_each_clients_model(method):
   for k in range(fed.num_clients):
     pick = lambda t: jax.tree.map(lambda x: x[k], t)
     want = apply(pick(src['params']), pick(src['batch_stats']), images[k])
-    np.testing.assert_allclose(got[k], want, rtol=1e-4, atol=1e-5)
+    # Another program (vmapped over clients) for the same inference-mode UNet: each
+    # conv sums up to 3 x 3 x 32 terms; 288 eps of the logits' scale.
+    assert_tree_close(got[k], want, rtol=sum_rtol(288), atol_rel=sum_rtol(288))
 
 
 def algo_model(cfg):

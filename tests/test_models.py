@@ -4,6 +4,9 @@ import numpy as np
 import pytest
 
 from pflresfim_jax import models
+from helpers import assert_tree_close, sum_rtol
+
+pytestmark = pytest.mark.reference
 
 
 def test_reference_parameter_count():
@@ -47,8 +50,15 @@ def test_bn_mask_excludes_padded_examples():
   real, s_real = apply(variables, x[:2], None)
   padded = x.at[2:].set(7.0)
   out, s_pad = apply(variables, padded, jnp.array([1, 1, 0, 0], bool))
-  np.testing.assert_allclose(out[:2], real, atol=1e-4)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), s_real, s_pad)
+  # Train-mode BatchNorm reduces over up to 2 x 16 x 16 = 512 values per channel, in
+  # another batch shape (2 vs 4 with a mask): statistics and logits agree to 512 eps of
+  # the size of what is summed (a leak of the padded 7.0s would move them by O(1)). A
+  # running mean near 0 is a sum that cancels: its error follows the activations'
+  # scale, the largest statistic of the model, not its own size.
+  tol = sum_rtol(2 * 16 * 16)
+  assert_tree_close(out[:2], real, rtol=tol, atol_rel=tol)
+  scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(s_real))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale), s_pad, s_real)
 
 
 def test_path_predicates():
@@ -72,6 +82,7 @@ def test_bf16_compute_keeps_float32_state():
   assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(upd['batch_stats']))
   ref = f32.apply({'params': params, 'batch_stats': stats}, x, train=False)
   low = b16.apply({'params': params, 'batch_stats': stats}, x, train=False)
+  # bfloat16 keeps 8 bits (2^-8 = 0.4%) per operation, compounded over ~20 layers.
   np.testing.assert_allclose(low, ref, atol=0.05 * float(jnp.abs(ref).max()) + 1e-3)
   grads = jax.grad(lambda p: jnp.mean(b16.apply({'params': p, 'batch_stats': stats}, x)))(params)
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
