@@ -157,7 +157,14 @@ def partition(resfim: PyTree, ratio: float = 0.2, scope: str = 'tensor') -> PyTr
 
 
 def residual(f_orig: PyTree, f_sim: PyTree, kind: str = 'abs', eps: float = 1e-8) -> PyTree:
-  """ResFIM from two Fisher diagonals (pytrees of the same structure)."""
+  """ResFIM from two Fisher diagonals (pytrees of the same structure).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from pflresfim_jax import resfim
+    >>> resfim.residual({'w': jnp.array([1.0, 2.0])}, {'w': jnp.array([1.5, 2.0])})
+    {'w': Array([0.5, 0. ], dtype=float32)}
+  """
   if kind == 'abs':
     return jax.tree.map(lambda a, b: jnp.abs(b - a), f_orig, f_sim)
   if kind == 'relative':

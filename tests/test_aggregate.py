@@ -86,3 +86,9 @@ def test_invariants(k, n, seed):
     vals = np.asarray(once['p'])[shared[:, e], e]
     if vals.size:   # one mean per entry, broadcast to its sharing clients: identical
       np.testing.assert_array_equal(vals, vals[0])
+
+
+def test_docstring_example_runs():
+  import doctest
+  result = doctest.testmod(aggregate, optionflags=doctest.NORMALIZE_WHITESPACE)
+  assert result.attempted > 0 and result.failed == 0

@@ -105,7 +105,7 @@ def test_fedrep_phases_freeze_the_right_part():
     np.testing.assert_array_equal(a, b)
   head1, _ = by_kind(trained['params'], models.is_head)
   head0, _ = by_kind(s0['params'], models.is_head)
-  assert all(not np.allclose(a, b) for a, b in zip(head0, head1))
+  assert all(not np.allclose(a, b) for a, b in zip(head0, head1))   # moved by ~lr, not by noise
   # Body epochs only: the head stays at its initial value.
   s0, trained, _, _, _ = one_round('fedrep', **{'fedrep.head_epochs': 0})
   for a, b in zip(by_kind(s0['params'], models.is_head)[0], by_kind(trained['params'], models.is_head)[0]):
