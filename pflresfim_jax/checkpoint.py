@@ -29,7 +29,7 @@ PyTree = Any
 # Config fields that do not change what a run computes: a workdir may be resumed
 # with other values for them.
 RESUME_IGNORES = ('method', 'seeds', 'resume', 'checkpoint', 'report', 'data.cache_dir',
-                  'tensorboard', 'distributed', 'cluster')
+                  'tensorboard', 'distributed', 'cluster', 'compile_cache')
 
 
 class Checkpointer:

@@ -87,6 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.cluster.process_id = -1            # -1: auto-detect
   c.cluster.local_device_ids = ''      # e.g. '0,1': this process's devices; '': all
 
+  c.compile_cache = True         # keep compiled programs in <data.cache_dir>/xla: a second run skips compiling
   c.resume = True                # re-running into a workdir resumes it; False: a fresh run in <workdir>/run-<n>
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 10        # rounds between checkpoints (the last round always gets one)

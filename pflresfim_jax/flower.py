@@ -35,7 +35,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
   raise ImportError("pflresfim_jax.flower needs Flower: pip install -e '.[flower]'") from e
 
-from pflresfim_jax import deploy, methods
+from pflresfim_jax import compile_cache, deploy, methods
 
 HELLO = 'hello'
 KIND_TO_TYPE = {HELLO: 'query', deploy.QUERY: 'query', deploy.TRAIN: 'train',
@@ -87,10 +87,7 @@ def _node(context: Context) -> Dict[str, Any]:
 
 def _use_compile_cache(state_dir: str) -> None:
   """Flower starts a fresh process per message: reuse compiled programs from disk."""
-  import jax
-  if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
-    jax.config.update('jax_compilation_cache_dir', os.path.join(state_dir, 'jax-cache'))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  compile_cache.enable(os.path.join(state_dir, 'jax-cache'), min_compile_secs=0.0)
 
 
 def _answer(msg: Message, context: Context) -> Message:

@@ -335,8 +335,13 @@ def _hw(config) -> Tuple[int, int]:
   return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
+def cache_root(config) -> str:
+  """``data.cache_dir``, or ``~/.cache/pflresfim_jax``: decoded data and compiled programs."""
+  return config.data.get('cache_dir') or os.path.join(os.path.expanduser('~'), '.cache', 'pflresfim_jax')
+
+
 def _cache_dir(config) -> str:
-  d = config.data.get('cache_dir') or os.path.join(os.path.expanduser('~'), '.cache', 'pflresfim_jax')
+  d = cache_root(config)
   root = config.data.root and os.path.realpath(os.path.expanduser(config.data.root))
   if root and os.path.realpath(d).startswith(root + os.sep):
     raise DataError(f'data.cache_dir {d} is inside data.root; the data folder is never written')
