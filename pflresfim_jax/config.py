@@ -102,3 +102,109 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 16
   c.eval.threshold = 0.5
   return c
+
+
+# ------------------------------------------------------------------ validation
+# Every field's rule, checked before anything is loaded or traced (train.resolve), so
+# a bad value is one line naming its full field, not a traceback minutes later.
+def _number(lo=None, hi=None, *, integer=False, open_lo=False, open_hi=False, none=False):
+  kind = 'an integer' if integer else 'a number'
+  bounds = ''.join([f' {">" if open_lo else ">="} {lo}' if lo is not None else '',
+                    ' and' if lo is not None and hi is not None else '',
+                    f' {"<" if open_hi else "<="} {hi}' if hi is not None else ''])
+
+  def check(v):
+    if v is None and none:
+      return None
+    ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
+    if isinstance(v, bool) or not ok_type:
+      return f'must be {kind}{bounds}'
+    if ((lo is not None and (v <= lo if open_lo else v < lo)) or
+        (hi is not None and (v >= hi if open_hi else v > hi))):
+      return f'must be {kind}{bounds}'
+    return None
+  return check
+
+
+def _one_of(*options):
+  def check(v):
+    value = v.lower() if isinstance(v, str) else v
+    return None if value in options else f'must be one of {options}'
+  return check
+
+
+def _image_size(v):
+  """An int or (H, W) of positive multiples of 16: UNet2D pools four times."""
+  sizes = (v, v) if isinstance(v, int) and not isinstance(v, bool) else tuple(v) if isinstance(
+      v, (tuple, list)) else ()
+  if len(sizes) != 2 or not all(isinstance(s, int) and s >= 16 and s % 16 == 0 for s in sizes):
+    return 'must be a positive multiple of 16, or two of them (H, W): UNet2D pools four times'
+  return None
+
+
+def _devices(v):
+  if v == 'auto' or (str(v).isdigit() and int(v) >= 1):
+    return None
+  return "must be 'auto' or a positive integer"
+
+
+_INT1, _INT0 = _number(1, integer=True), _number(0, integer=True)
+_FRACTION = _number(0.0, 1.0)
+_FLAG = _one_of(True, False, 'true', 'false')
+RULES = {
+    'rounds': _number(1, integer=True, none=True), 'paper_rounds': _INT1, 'local_epochs': _INT0, 'batch_size': _INT1,
+    'lr': _number(0.0, open_lo=True), 'lr_schedule': _one_of('step', 'constant'),
+    'weight_decay': _number(0.0),
+    'data.name': _one_of('vessel', 'prostate', 'gland'), 'data.image_size': _image_size,
+    'phantom.image_size': _image_size, 'phantom.rounds': _INT1, 'phantom.model_base': _INT1,
+    'phantom.num_sites': _INT1,   # its upper end (the phantom's site count) is checked by phantom.load
+    'model.name': _one_of('unet'), 'model.base': _number(1, integer=True, none=True), 'model.paper_base': _INT1,
+    'augment.flip': _FLAG, 'augment.rot90': _FLAG,
+    'spectral.ratio': _number(0.0, 0.5, open_hi=True), 'spectral.lam_min': _FRACTION,
+    'spectral.lam_max': _FRACTION, 'spectral.share': _one_of('per_image', 'client_mean'),
+    'fisher.loss': _one_of('nll', 'train'), 'fisher.num_examples': _INT1,
+    'fisher.chunk_size': _number(1, integer=True, none=True),
+    'resfim.ratio': _FRACTION, 'resfim.scope': _one_of('tensor', 'global'),
+    'resfim.residual': _one_of('abs', 'relative'), 'resfim.eps': _number(0.0, open_lo=True),
+    'resfim.every': _INT1, 'resfim.warmup_rounds': _INT0,
+    'fedprox.mu': _number(0.0), 'ditto.mu': _number(0.0), 'ditto.lr': _number(0.0, open_lo=True),
+    'fedrep.head_epochs': _INT0, 'fedcac.tau': _FRACTION, 'fedcac.beta': _number(0.0, open_lo=True),
+    'engine.client_axis': _one_of('vmap', 'map', 'auto'), 'engine.unroll': _one_of('auto', True, False, 'true', 'false'),
+    'engine.precision': _one_of('fp32', 'bf16'), 'engine.devices': _devices,
+    'cluster.num_processes': _INT0, 'cluster.process_id': _number(-1, integer=True),
+    'checkpoint.every': _INT1, 'checkpoint.keep': _INT1, 'report.examples': _INT0,
+    'tensorboard': _one_of('auto', True, False, 'true', 'false'),
+    'eval.batch_size': _INT1, 'eval.threshold': _number(0.0, 1.0, open_lo=True, open_hi=True),
+    'data.split_seed': _INT0, 'phantom.seed': _INT0, 'report.enabled': _FLAG, 'resume': _FLAG,
+    'compile_cache': _FLAG, 'distributed': _FLAG,
+}
+# Free-form strings, checked where they are parsed: method and seeds (train.parse_*),
+# paths (the loaders, which name the file), the cluster's address and device list.
+PARSED_ELSEWHERE = ('method', 'seeds', 'data.root', 'data.clients', 'data.cache_dir',
+                    'cluster.coordinator_address', 'cluster.local_device_ids')
+
+
+def validate(config) -> None:
+  """Raise ValueError naming the full field (``config.resfim.ratio``) of the first bad value.
+
+  Fields a config does not have are skipped (a config from an older version).
+  """
+  def get(path):
+    node = config
+    for key in path.split('.'):
+      if key not in node:
+        return _MISSING
+      node = node[key]
+    return node
+
+  for path, rule in RULES.items():
+    value = get(path)
+    problem = None if value is _MISSING else rule(value)
+    if problem:
+      raise ValueError(f'config.{path} {problem}, got {value!r}')
+  lam_min, lam_max = get('spectral.lam_min'), get('spectral.lam_max')
+  if _MISSING not in (lam_min, lam_max) and lam_min > lam_max:
+    raise ValueError(f'config.spectral.lam_min ({lam_min}) must be <= config.spectral.lam_max ({lam_max})')
+
+
+_MISSING = object()

@@ -26,6 +26,7 @@ import numpy as np
 
 from pflresfim_jax import checkpoint, distributed, methods, models, spectral
 from pflresfim_jax.clients import engine, sharding
+from pflresfim_jax import config as config_lib
 from pflresfim_jax.config import METHODS
 from pflresfim_jax.data import federation
 from pflresfim_jax.data import phantom
@@ -64,17 +65,12 @@ def default_workdir(config) -> str:
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Fill the fields whose default depends on phantom vs real data (see config.py)."""
   config = ml_collections.ConfigDict(config.to_dict())  # a copy; placeholders become values
+  config_lib.validate(config)   # every field, before anything is loaded or traced
   on_phantom = config.data.root is None and not config.data.clients
   if config.rounds is None:
     config.rounds = config.phantom.rounds if on_phantom else config.paper_rounds
   if config.model.base is None:
     config.model.base = config.phantom.model_base if on_phantom else config.model.paper_base
-  if config.rounds < 1:
-    raise ValueError(f'config.rounds must be >= 1, got {config.rounds}')
-  if config.engine.precision not in ('fp32', 'bf16'):
-    raise ValueError(f"engine.precision must be 'fp32' or 'bf16', got {config.engine.precision!r}")
-  if config.spectral.share not in ('per_image', 'client_mean'):
-    raise ValueError(f"spectral.share must be 'per_image' or 'client_mean', got {config.spectral.share!r}")
   parse_methods(config.method)
   parse_seeds(config.seeds)
   return config
