@@ -152,13 +152,15 @@ _INT1, _INT0 = _number(1, integer=True), _number(0, integer=True)
 _FRACTION = _number(0.0, 1.0)
 _FLAG = _one_of(True, False, 'true', 'false')
 RULES = {
-    'rounds': _number(1, integer=True, none=True), 'paper_rounds': _INT1, 'local_epochs': _INT0, 'batch_size': _INT1,
+    'rounds': _number(1, integer=True, none=True),   # None: filled by train.resolve
+    'paper_rounds': _INT1, 'local_epochs': _INT0, 'batch_size': _INT1,
     'lr': _number(0.0, open_lo=True), 'lr_schedule': _one_of('step', 'constant'),
     'weight_decay': _number(0.0),
     'data.name': _one_of('vessel', 'prostate', 'gland'), 'data.image_size': _image_size,
     'phantom.image_size': _image_size, 'phantom.rounds': _INT1, 'phantom.model_base': _INT1,
     'phantom.num_sites': _INT1,   # its upper end (the phantom's site count) is checked by phantom.load
-    'model.name': _one_of('unet'), 'model.base': _number(1, integer=True, none=True), 'model.paper_base': _INT1,
+    'model.name': _one_of('unet'), 'model.base': _number(1, integer=True, none=True),
+    'model.paper_base': _INT1,
     'augment.flip': _FLAG, 'augment.rot90': _FLAG,
     'spectral.ratio': _number(0.0, 0.5, open_hi=True), 'spectral.lam_min': _FRACTION,
     'spectral.lam_max': _FRACTION, 'spectral.share': _one_of('per_image', 'client_mean'),
@@ -169,7 +171,8 @@ RULES = {
     'resfim.every': _INT1, 'resfim.warmup_rounds': _INT0,
     'fedprox.mu': _number(0.0), 'ditto.mu': _number(0.0), 'ditto.lr': _number(0.0, open_lo=True),
     'fedrep.head_epochs': _INT0, 'fedcac.tau': _FRACTION, 'fedcac.beta': _number(0.0, open_lo=True),
-    'engine.client_axis': _one_of('vmap', 'map', 'auto'), 'engine.unroll': _one_of('auto', True, False, 'true', 'false'),
+    'engine.client_axis': _one_of('vmap', 'map', 'auto'),
+    'engine.unroll': _one_of('auto', True, False, 'true', 'false'),
     'engine.precision': _one_of('fp32', 'bf16'), 'engine.devices': _devices,
     'cluster.num_processes': _INT0, 'cluster.process_id': _number(-1, integer=True),
     'checkpoint.every': _INT1, 'checkpoint.keep': _INT1, 'report.examples': _INT0,
