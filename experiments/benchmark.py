@@ -8,7 +8,9 @@ Measures on whatever backend JAX finds:
 * one full round of a method (local training + ResFIM + aggregation + evaluation, the
   trainer's own jitted round) on a Fed-Vessel-sized phantom, in seconds, for each
   device count in --devices (fake CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=8),
-  and the protocol time it implies (compile + T rounds);
+  and the protocol time it implies (compile + T rounds), for each strategy in
+  --client_axis, with XLA's compiled memory analysis of that round per device (temp,
+  arguments, outputs, peak; any backend);
 * peak device memory (where the backend reports it).
 Writes JSON and a Markdown table with the device, versions and settings. ``--quick``
 uses a tiny model and images (a CI smoke test; its numbers mean little).
@@ -43,6 +45,7 @@ flags.DEFINE_string('devices', '1', "device counts for the full-round rows, e.g.
 flags.DEFINE_string('precision', 'fp32', "precision(s) of the full-round rows, e.g. 'fp32,bf16'")
 flags.DEFINE_multi_string('set', [], "config overrides for the full-round rows, e.g. --set=fisher.chunk_size=1")
 flags.DEFINE_string('parts', 'step,fisher,round', 'which groups of rows to measure')
+flags.DEFINE_string('client_axis', 'auto', "engine.client_axis of the full-round rows, e.g. 'vmap,map'")
 FLAGS = flags.FLAGS
 
 
@@ -94,10 +97,16 @@ def fisher_rates(n, s, base, chunks, repeats):
   return out
 
 
-def full_round(k, s, base, images, method, precision, devices, repeats, rounds):
-  """Seconds of one round of the trainer's jitted round function, and its compile time."""
+MEMORY = (('temp', 'temp_size_in_bytes'), ('arguments', 'argument_size_in_bytes'),
+          ('outputs', 'output_size_in_bytes'), ('peak', 'peak_memory_in_bytes'))
+
+
+def full_round(k, s, base, images, method, precision, devices, repeats, rounds, strategy):
+  """One round of the trainer's jitted round: seconds, compile seconds, train images, and
+  XLA's compiled memory analysis per device ({'temp': bytes, ...}, any backend)."""
   cfg = config_lib.base_config()
   cfg.model.base, cfg.engine.precision, cfg.rounds, cfg.method = base, precision, rounds, method
+  cfg.engine.client_axis = strategy
   cfg.phantom.image_size, cfg.phantom.num_sites = s, k
   cfg = train.resolve(sweep.override(cfg, ';'.join(FLAGS.set), '--set'))
   fed = phantom.load(seed=0, image_size=s, num_sites=k, images_per_site=[images] * k)
@@ -115,7 +124,9 @@ def full_round(k, s, base, images, method, precision, devices, repeats, rounds):
     state, metrics = round_fn(state, data, bank, jax.random.fold_in(key, r), jnp.int32(r))
   jax.block_until_ready(metrics)
   per_round = (time.perf_counter() - start) / repeats
-  return per_round, max(0.0, first - per_round), int(fed.train.counts.sum())
+  stats = round_fn.lower(state, data, bank, key, jnp.int32(0)).compile().memory_analysis()
+  memory = {name: getattr(stats, attr, None) for name, attr in MEMORY} if stats else {}
+  return per_round, max(0.0, first - per_round), int(fed.train.counts.sum()), memory
 
 
 def main(argv):
@@ -137,16 +148,21 @@ def main(argv):
   for name, rate in (fisher_rates(n, s, base, chunks, reps) if 'fisher' in parts else {}).items():
     rows.append({'what': f'per-example Fisher, {name} ({n} examples)', 'unit': 'examples/s', 'value': rate})
   images = 8 if FLAGS.quick else FLAGS.images
-  for precision in FLAGS.precision.split(',') if 'round' in parts else ():
-    for d in [int(x) for x in FLAGS.devices.split(',')]:
-      per_round, compile_s, n_train = full_round(k, s, base, images, FLAGS.method, precision, d,
-                                                 reps, FLAGS.rounds)
-      what = (f'full round, {FLAGS.method}, {precision}, {d} device(s), {n_train} train images'
-              + ''.join(f', {item}' for item in FLAGS.set))
-      rows.append({'what': what, 'unit': 's', 'value': per_round})
-      rows.append({'what': f'protocol estimate: compile {compile_s:.0f} s + {FLAGS.rounds} rounds, '
-                           f'{precision}, {d} device(s)', 'unit': 'min',
-                   'value': (compile_s + FLAGS.rounds * per_round) / 60})
+  rounds = [(p, d, a) for p in FLAGS.precision.split(',') for d in FLAGS.devices.split(',')
+            for a in FLAGS.client_axis.split(',')] if 'round' in parts else []
+  for precision, d, axis in rounds:
+    axis = engine.resolve_client_axis(axis)
+    per_round, compile_s, n_train, memory = full_round(
+        k, s, base, images, FLAGS.method, precision, int(d), reps, FLAGS.rounds, axis)
+    setting = f'{precision}, {d} device(s), client_axis={axis}'
+    what = (f'full round, {FLAGS.method}, {setting}, {n_train} train images'
+            + ''.join(f', {item}' for item in FLAGS.set))
+    rows.append({'what': what, 'unit': 's', 'value': per_round})
+    rows.append({'what': f'protocol estimate: compile {compile_s:.0f} s + {FLAGS.rounds} rounds, '
+                         f'{setting}', 'unit': 'min',
+                 'value': (compile_s + FLAGS.rounds * per_round) / 60})
+    rows += [{'what': f'round memory per device (XLA analysis), {name}, {setting}', 'unit': 'MiB',
+              'value': value / 2**20} for name, value in memory.items() if value is not None]
   stats = dev.memory_stats() or {}
   info['peak_memory_bytes'] = stats.get('peak_bytes_in_use')
   result = {'info': info, 'rows': rows}

@@ -10,11 +10,15 @@ def test_benchmark_quick_smoke(tmp_path):
   """The benchmark runs in quick mode and writes its table (no timing is asserted)."""
   out = tmp_path / 'bench'
   proc = subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'benchmark.py'), '--quick',
-                         '--method=fedavg', f'--out={out}'], capture_output=True, text=True, timeout=900,
+                         '--method=fedavg', '--client_axis=vmap,map', f'--out={out}'], capture_output=True, text=True, timeout=900,
                         env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = json.loads((tmp_path / 'bench.json').read_text())['rows']
-  assert len(rows) == 9 and all(r['value'] > 0 for r in rows)
+  assert len(rows) == 4 + 3 + 2 * (2 + 4) and all(r['value'] > 0 for r in rows)
   md = (tmp_path / 'bench.md').read_text()
-  assert '| train step, client_axis=map, bf16 |' in md and 'full round, fedavg, fp32, 1 device(s)' in md
+  assert '| train step, client_axis=map, bf16 |' in md
+  for axis in ('vmap', 'map'):
+    assert f'full round, fedavg, fp32, 1 device(s), client_axis={axis}' in md
+    for part in ('temp', 'arguments', 'outputs', 'peak'):
+      assert f'round memory per device (XLA analysis), {part}, fp32, 1 device(s), client_axis={axis}' in md
   assert 'peak device memory: n/a on this backend' in md
