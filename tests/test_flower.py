@@ -55,9 +55,6 @@ def test_load_config_applies_overrides_and_names_bad_fields(tmp_path):
     flower.load_config(os.path.join(ROOT, 'configs', 'vessel.py'), 'no_such=1')
 
 
-@pytest.mark.skipif(os.environ.get('PFLRESFIM_TEST_FLOWER') != '1',
-                    reason='real Flower processes (several minutes on 2 cores): '
-                           'PFLRESFIM_TEST_FLOWER=1 python3 -m pytest tests/test_flower.py')
 def test_superlink_supernodes_and_flwr_run_on_loopback(tmp_path):
   home = tmp_path / 'flwr-home'
   home.mkdir()
