@@ -96,7 +96,9 @@ def test_linen_without_state_takes_bare_params_and_sim_image():
   check(got, *reference(lambda p, x: model.apply({'params': p}, x), params, batch, sim))
   # The one-shot form gives the same.
   once = resfim.estimate(params, {**batch, 'sim_image': sim}, model)
-  assert_tree_close(once, got, rtol=1e-6, atol_rel=1e-6)   # same math, another compile
+  # Same math in another program (eager vs jitted): the Fisher tolerance of check().
+  tol = sum_rtol(2 * 16 * 16)
+  assert_tree_close(once, got, rtol=tol, atol_rel=tol)
 
 
 def test_nnx_module_through_the_adapter():
