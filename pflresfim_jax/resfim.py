@@ -104,7 +104,7 @@ def estimator(model: Union[nn.Module, Callable[[PyTree, Array], Array]], *,
   per_image = losses.per_example(loss) if isinstance(loss, str) else loss
 
   def estimate(variables: PyTree, batch: Mapping[str, Array]) -> PyTree:
-    with_state = isinstance(variables, Mapping) and 'params' in variables
+    with_state = _has_state(variables)
     params = variables['params'] if with_state else variables
 
     def loss_fn(p, example):
@@ -210,9 +210,14 @@ def _linen_apply(module: nn.Module, apply_kwargs: Optional[Mapping[str, Any]]):
   kwargs.update(apply_kwargs or {})
 
   def apply_fn(variables, images):
-    v = variables if isinstance(variables, Mapping) and 'params' in variables else {'params': variables}
+    v = variables if _has_state(variables) else {'params': variables}
     return module.apply(v, images, **kwargs)
   return apply_fn
+
+
+def _has_state(variables: PyTree) -> bool:
+  """Flax variables ``{'params': ..., other collections}`` rather than bare parameters."""
+  return isinstance(variables, Mapping) and 'params' in variables
 
 
 def _simulated(batch: Mapping[str, Array], ratio: float, lam_range, value_range) -> Array:
