@@ -27,7 +27,7 @@ from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from pflresfim_jax import config as config_lib, fisher, losses, models, sweep, train  # noqa: E402
+from pflresfim_jax import build, config as config_lib, fisher, losses, models, sweep  # noqa: E402
 from pflresfim_jax.clients import engine, sharding  # noqa: E402
 from pflresfim_jax.data import phantom  # noqa: E402
 
@@ -62,7 +62,7 @@ def train_step_rate(k, b, s, base, strategy, precision, repeats):
   model = models.UNet2D(base=base, dtype=jnp.bfloat16 if precision == 'bf16' else jnp.float32)
   params, stats = models.init(model, jax.random.PRNGKey(0), (s, s, 3))
   tx = engine.optimizer(5e-4)
-  step = engine.sgd_step(lambda p, st, bt, m, a: engine.seg_loss(model)(p, st, bt, m), tx)
+  step = engine.train_step(engine.seg_loss(model), tx)
   stack = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *x.shape)), t)
   carry = stack((params, stats, tx.init(params)))
   x = jax.random.uniform(jax.random.PRNGKey(1), (k, b, s, s, 3))
@@ -108,11 +108,11 @@ def full_round(k, s, base, images, method, precision, devices, repeats, rounds, 
   cfg.model.base, cfg.engine.precision, cfg.rounds, cfg.method = base, precision, rounds, method
   cfg.engine.client_axis = strategy
   cfg.phantom.image_size, cfg.phantom.num_sites = s, k
-  cfg = train.resolve(sweep.override(cfg, ';'.join(FLAGS.set), '--set'))
+  cfg = build.resolve(sweep.override(cfg, ';'.join(FLAGS.set), '--set'))
   fed = phantom.load(seed=0, image_size=s, num_sites=k, images_per_site=[images] * k)
   mesh = sharding.client_mesh(devices)
-  data, bank = train.device_data(fed, mesh), train.build_bank(fed, cfg, mesh)
-  init_fn, round_fn = train.compile_method(cfg, fed, method, mesh)
+  data, bank = build.device_data(fed, mesh), build.spectral_bank(fed, cfg, mesh)
+  init_fn, round_fn = build.compile_method(cfg, fed, method, mesh)
   key = jax.random.PRNGKey(0)
   state = init_fn(key)
   start = time.perf_counter()

@@ -14,7 +14,7 @@ METHODS = ('local', 'fedavg', 'fedprox', 'fedbn', 'siobn', 'fedper', 'fedrep', '
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.method = 'pfl_resfim'        # one of METHODS, a comma list, or 'all'
+  c.method = 'pfl_resfim'        # one of METHODS, a comma list, 'all', or your own module:Class
   c.seeds = '0'                  # comma list, e.g. '0,1,2' -> mean +- std
   c.rounds = config_dict.placeholder(int)  # None: paper_rounds on real data, phantom.rounds on the phantom
   c.paper_rounds = 200           # T
@@ -105,7 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 # ------------------------------------------------------------------ validation
-# Every field's rule, checked before anything is loaded or traced (train.resolve), so
+# Every field's rule, checked before anything is loaded or traced (build.resolve), so
 # a bad value is one line naming its full field, not a traceback minutes later.
 def _number(lo=None, hi=None, *, integer=False, open_lo=False, open_hi=False, none=False):
   kind = 'an integer' if integer else 'a number'
@@ -152,7 +152,7 @@ _INT1, _INT0 = _number(1, integer=True), _number(0, integer=True)
 _FRACTION = _number(0.0, 1.0)
 _FLAG = _one_of(True, False, 'true', 'false')
 RULES = {
-    'rounds': _number(1, integer=True, none=True),   # None: filled by train.resolve
+    'rounds': _number(1, integer=True, none=True),   # None: filled by build.resolve
     'paper_rounds': _INT1, 'local_epochs': _INT0, 'batch_size': _INT1,
     'lr': _number(0.0, open_lo=True), 'lr_schedule': _one_of('step', 'constant'),
     'weight_decay': _number(0.0),
@@ -181,7 +181,7 @@ RULES = {
     'data.split_seed': _INT0, 'phantom.seed': _INT0, 'report.enabled': _FLAG, 'resume': _FLAG,
     'compile_cache': _FLAG, 'distributed': _FLAG,
 }
-# Free-form strings, checked where they are parsed: method and seeds (train.parse_*),
+# Free-form strings, checked where they are parsed: method and seeds (build.parse_*),
 # paths (the loaders, which name the file), the cluster's address and device list.
 PARSED_ELSEWHERE = ('method', 'seeds', 'data.root', 'data.clients', 'data.cache_dir',
                     'cluster.coordinator_address', 'cluster.local_device_ids')

@@ -1,14 +1,18 @@
 """One round of a method split into what each hospital and what the server compute.
 
-The simulator (methods.py) runs a round as one program over the stacked clients.
-A real federation runs the same pure functions on two sides of a wire:
+The simulator runs a round as one program over the stacked clients
+(``methods.Algorithm.round``). A real federation runs the same pure functions on two
+sides of a wire, and what crosses it is the method's declared ``Contract``
+(methods/base.py); nothing here names a method:
 
 * a :class:`Hospital` holds one client's data and state (parameters, optimizer
-  state, personal leaves, masks) in its own folder; it trains, computes its masks
-  (ResFIM for pfl_resfim) and sends only the entries that take part in the mean;
+  state, personal leaves, masks) in its own folder; it runs the method's
+  ``Algorithm.client`` (training and client statistics, e.g. ResFIM masks) and
+  uploads the parameter entries the contract names, plus BatchNorm statistics
+  when the contract shares them;
 * the :class:`Server` stacks what arrives along the client axis (absent clients get
   weight 0), runs the method's ``aggregate`` and returns to each client the values of
-  the entries it must replace.
+  the same entries.
 
 Messages are flat dicts of numpy arrays keyed by pytree path (``'params/Conv_0/kernel'``);
 masks travel bit-packed. pflresfim_jax/flower.py carries these dicts in Flower
@@ -37,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pflresfim_jax import methods, spectral
+from pflresfim_jax import build, methods, spectral
 from pflresfim_jax.data import federation
 
 PyTree = Any
@@ -146,23 +150,7 @@ def nbytes(flat: Flat) -> int:
   return int(sum(np.asarray(v).nbytes for v in flat.values()))
 
 
-# ------------------------------------------------------------------ what is shared
-def uploads_entries(method: str, agg_mask: PyTree) -> PyTree:
-  """Entries a client sends after training: those its aggregation reads.
-
-  FedCAC reads every entry (its critical entries are averaged with collaborators);
-  'local' sends nothing; every mask-based method sends the entries not kept local.
-  """
-  if method == 'fedcac':
-    return jax.tree.map(lambda m: np.ones(np.shape(m), bool), agg_mask)
-  return jax.tree.map(lambda m: ~np.asarray(m, bool), agg_mask)
-
-
-def replaced_entries(method: str, agg_mask: PyTree) -> PyTree:
-  """Entries the server's aggregation changes for a client (what comes back)."""
-  return uploads_entries(method, agg_mask)
-
-
+# ------------------------------------------------------------------ run state
 def run_id(config, method: str, seed: int) -> str:
   """A short hash naming one run (config, method, seed): a client's state folder."""
   text = json.dumps({'config': config.to_dict(), 'method': method, 'seed': seed},
@@ -198,33 +186,24 @@ def pad_examples(fed: federation.Federation, slots: Dict[str, int]) -> federatio
 class ClientPrograms:
   """A client's jitted functions for one config and method (no client data inside).
 
-  ``local(state, train_data, bank, k_train, k_stats, rnd, client_ids)`` -> (state,
-  agg_mask, loss): local training then the method's statistics, for one client
+  ``client(state, train_data, bank, train_keys [1], stats_keys [1], rnd, client_ids [1])``
+  -> (state, agg_mask, loss): the method's own ``Algorithm.client`` for one client
   (leading axis 1); ``evaluate(state, data)``. Data, keys and the client id are
   arguments, not constants, so every client of a federation runs the same program.
   """
 
   def __init__(self, config, method: str, image_shape: Sequence[int]):
-    from pflresfim_jax import train
-    ctx = methods.Context(train.build_model(config), 1, tuple(image_shape), config, config.rounds)
-    algo = self.algo = methods.build(method, ctx)
-
-    def local(state, train_data, bank, k_train, k_stats, rnd, client_ids):
-      lr = config.lr * methods.lr_factor(config, config.rounds, rnd)
-      start = state['params']
-      state, loss = algo.local(state, train_data, k_train[None], lr)
-      state, agg_mask = algo.stats(state, start, train_data, bank, k_stats[None], rnd, client_ids)
-      return state, agg_mask, loss
-    self.local = jax.jit(local)
-    self.evaluate = jax.jit(algo.evaluate)
+    self.algo = build.algorithm(config, method, 1, image_shape)
+    self.client = jax.jit(self.algo.client)
+    self.evaluate = jax.jit(self.algo.evaluate)
 
 
 class Hospital:
   """One client: its own data (a one-client Federation) and state folder.
 
   Args:
-    config: the resolved run config (train.resolve), as the server sends it.
-    method: one of config.METHODS.
+    config: the resolved run config (build.resolve), as the server sends it.
+    method: a registered method name or module:Class spec (methods.get).
     seed: run seed.
     fed: this hospital's data only (``fed.num_clients == 1``).
     index: this client's position in the federation (0..K-1): its keys and its
@@ -242,7 +221,6 @@ class Hospital:
   def __init__(self, config, method: str, seed: int, fed: federation.Federation, index: int,
                num_clients: int, state_dir: str, slots: Optional[Dict[str, int]] = None,
                programs: Optional['ClientPrograms'] = None):
-    from pflresfim_jax import train  # train imports orbax etc.; only a client needs it
     if fed.num_clients != 1:
       raise ValueError(f'a hospital holds one client, got {fed.num_clients}')
     if not 0 <= index < num_clients:
@@ -252,8 +230,9 @@ class Hospital:
     self.folder = os.path.join(state_dir, run_id(config, method, seed))
     os.makedirs(self.folder, exist_ok=True)
     programs = programs or ClientPrograms(config, method, fed.image_shape)
-    self.algo, self._local, self._evaluate = programs.algo, programs.local, programs.evaluate
-    self.data = train.device_data(pad_examples(fed, slots or {}))
+    self.algo, self._client, self._evaluate = programs.algo, programs.client, programs.evaluate
+    self.contract = self.algo.contract
+    self.data = build.device_data(pad_examples(fed, slots or {}))
     self.k_init, self.k_run = methods.run_keys(seed)
     self._template = jax.eval_shape(self.algo.init, self.k_init)
 
@@ -307,12 +286,12 @@ class Hospital:
       return None
     params = jax.tree.map(lambda x: x[0], state['params'])
     new, replaced = unpack(params, values, 'params', 'server values')
-    expected = replaced_entries(self.method, agg_mask)
+    expected = self.contract.sent(agg_mask)
     if any(np.any(a != b) for a, b in zip(jax.tree.leaves(replaced), jax.tree.leaves(expected))):
       raise ValueError(f'server values for round {rnd} do not match the entries this client shares')
     merged = jax.tree.map(lambda own, v, r: np.where(r, v, own), params, new, replaced)
     state = {**state, 'params': jax.tree.map(lambda x: x[None], merged)}
-    if self.method in methods.SHARED_STATS:
+    if self.contract.batch_stats:
       stats = unflatten(jax.tree.map(lambda x: x[0], state['batch_stats']),
                         under('batch_stats', values), 'server values')
       state = {**state, 'batch_stats': jax.tree.map(lambda x: x[None], stats)}
@@ -335,15 +314,15 @@ class Hospital:
                                                  self.num_clients)
     k_train, k_stats = train_keys[self.index], stats_keys[self.index]
     bank = {'windows': jnp.asarray(bank['windows']), 'owner': jnp.asarray(bank['owner'])}
-    state, agg_mask, loss = self._local(state, self.data['train'], bank, k_train, k_stats,
-                                        jnp.int32(rnd), jnp.asarray([self.index]))
+    state, agg_mask, loss = self._client(state, self.data['train'], bank, k_train[None],
+                                         k_stats[None], jnp.int32(rnd), jnp.asarray([self.index]))
     one = lambda t: jax.tree.map(lambda x: np.asarray(x)[0], t)
     self._write('pending', state, rnd, one(agg_mask))
     params, agg = one(state['params']), one(agg_mask)
-    out = pack(params, uploads_entries(self.method, agg), 'params')
+    out = pack(params, self.contract.sent(agg), 'params')
     out.update(pack_mask(agg, 'agg_mask'))
     out.update(pack_mask(one(state['local_mask']), 'local_mask'))
-    if self.method in methods.SHARED_STATS:
+    if self.contract.batch_stats:
       out.update(prefixed('batch_stats', flatten(one(state['batch_stats']))))
     out['weight'] = np.asarray(float(self.fed.train.counts[0]), np.float32)
     out['train_loss'] = np.asarray(np.asarray(loss)[0], np.float32)
@@ -356,17 +335,15 @@ class Server:
 
   Args:
     config: resolved run config.
-    method: one of config.METHODS.
+    method: a registered method name or module:Class spec (methods.get).
     num_clients: K.
     image_shape: (H, W, C) of the federation (to build the parameter shapes).
   """
 
   def __init__(self, config, method: str, num_clients: int, image_shape: Sequence[int]):
-    from pflresfim_jax import train
     self.config, self.method, self.num_clients = config, method, num_clients
-    ctx = methods.Context(train.build_model(config), num_clients, tuple(image_shape), config,
-                          config.rounds)
-    self.algo = methods.build(method, ctx)
+    self.algo = build.algorithm(config, method, num_clients, image_shape)
+    self.contract = self.algo.contract
     template = jax.eval_shape(self.algo.init, jax.random.PRNGKey(0))
     one = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), t)
     self.params = one(template['params'])
@@ -403,7 +380,7 @@ class Server:
       lm = unpack_mask(self.params, up, 'local_mask', what)
       for tree, new in ((params, v), (agg, a), (local, lm)):
         jax.tree.map(lambda dst, src: dst.__setitem__(i, src), tree, new)
-      if self.method in methods.SHARED_STATS:
+      if self.contract.batch_stats:
         s = unflatten(self.batch_stats, under('batch_stats', up), what)
         jax.tree.map(lambda dst, src: dst.__setitem__(i, src), stats, s)
       weights[i] = float(up['weight'])
@@ -412,8 +389,8 @@ class Server:
     out = {}
     for i in uploads:
       mine = lambda t: jax.tree.map(lambda x: np.asarray(x)[i], t)
-      values = pack(mine(state['params']), replaced_entries(self.method, mine(agg)), 'params')
-      if self.method in methods.SHARED_STATS:
+      values = pack(mine(state['params']), self.contract.sent(mine(agg)), 'params')
+      if self.contract.batch_stats:
         values.update(prefixed('batch_stats', flatten(mine(state['batch_stats']))))
       out[i] = values
     present = lambda arr: [float(arr[i]) if i in uploads else None for i in range(k)]
@@ -442,13 +419,12 @@ def client_federation(config, index: int, data_root: Optional[str] = None,
                       client_name: Optional[str] = None) -> federation.Federation:
   """One hospital's data: its own folder (``data_root``, read with config.data.name's
   loader), or, without a folder, site ``index`` of the built-in phantom."""
-  from pflresfim_jax import train
   if data_root:
     cfg = config.copy_and_resolve_references()
     cfg.data.root = None
     cfg.data.clients = f'{client_name or os.path.basename(os.path.normpath(data_root))}={data_root}'
-    return train.load_federation(cfg)
-  fed = train.load_federation(config)
+    return build.load_federation(cfg)
+  fed = build.load_federation(config)
   if not 0 <= index < fed.num_clients:
     raise ValueError(f'client index {index}: the phantom has {fed.num_clients} sites '
                      '(config.phantom.num_sites)')
@@ -581,8 +557,13 @@ def serve(config, method: str, seed: int, num_clients: int, send, min_clients: i
   last = {k: (EVALUATE, *with_outbox(k, dict(base), {})) for k in outbox}
   collect(send(last) if last else {}, metrics_by_round)
   for rec in rounds:
-    got = metrics_by_round.get(rec['round'], {})
-    rec['val_dice'] = [got[k]['val']['dice'] if k in got else None for k in range(num_clients)]
-    rec['test_dice'] = [got[k]['test']['dice'] if k in got else None for k in range(num_clients)]
+    _add_dice(rec, metrics_by_round.get(rec['round'], {}), num_clients)
   return {'clients': [names.get(k) for k in range(num_clients)], 'rounds': rounds,
           'final': final, 'wire': wire}
+
+
+def _add_dice(record: Dict[str, Any], got: Dict[int, Any], num_clients: int) -> None:
+  """A round's record gains 'val_dice' / 'test_dice' per client (None: not completed)."""
+  for split in ('val', 'test'):
+    record[f'{split}_dice'] = [got[k][split]['dice'] if k in got else None
+                               for k in range(num_clients)]

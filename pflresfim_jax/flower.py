@@ -35,7 +35,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
   raise ImportError("pflresfim_jax.flower needs Flower: pip install -e '.[flower]'") from e
 
-from pflresfim_jax import compile_cache, deploy, methods
+from pflresfim_jax import build, compile_cache, deploy, methods, sweep
 
 HELLO = 'hello'
 KIND_TO_TYPE = {HELLO: 'query', deploy.QUERY: 'query', deploy.TRAIN: 'train',
@@ -61,13 +61,12 @@ def from_content(content: RecordDict) -> Tuple[str, Dict[str, Any], deploy.Flat]
 
 def load_config(path: str, overrides: str = ''):
   """A configs/*.py file's ``get_config()`` with 'field=value;...' overrides, resolved."""
-  from pflresfim_jax import sweep, train
   if not os.path.isfile(path):
     raise FileNotFoundError(f'run config config-file: {path} not found')
   spec = importlib.util.spec_from_file_location('pflresfim_run_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return train.resolve(sweep.override(module.get_config(), overrides, 'run config overrides'))
+  return build.resolve(sweep.override(module.get_config(), overrides, 'run config overrides'))
 
 
 # ------------------------------------------------------------------ hospital side
@@ -170,8 +169,7 @@ def _main(grid: Grid, context: Context) -> None:
   rc = context.run_config
   config = load_config(str(rc['config-file']), str(rc.get('overrides', '')))
   method = str(rc.get('method') or config.method)
-  if method not in methods.METHODS:
-    raise ValueError(f'run config method: {method!r} is not one of {methods.METHODS}')
+  methods.get(method)   # a registered name or module:Class, else a clear ValueError
   num_clients = int(rc['num-clients'])
   min_clients = int(rc.get('min-clients', num_clients))
   deadline = time.time() + float(rc.get('wait-timeout', 300))

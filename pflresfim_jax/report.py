@@ -33,7 +33,9 @@ log = logging.getLogger('pflresfim_jax')
 
 
 def load_metrics(workdir: str) -> Dict[str, Dict[int, List[dict]]]:
-  """``{method: {seed: [round records]}}`` from every ``<method>/seed<k>/metrics.jsonl``."""
+  """``{method: {seed: [round records]}}`` from every ``<method>/seed<k>/metrics.jsonl``
+  (the method as the records name it: a ``module:Class`` method's folder is a safe
+  file name, build.method_folder)."""
   runs: Dict[str, Dict[int, List[dict]]] = {}
   for path in sorted(glob.glob(os.path.join(workdir, '*', 'seed*', 'metrics.jsonl'))):
     method = os.path.basename(os.path.dirname(os.path.dirname(path)))
@@ -41,7 +43,7 @@ def load_metrics(workdir: str) -> Dict[str, Dict[int, List[dict]]]:
     with open(path) as f:
       records = [json.loads(line) for line in f if line.strip()]
     if records:
-      runs.setdefault(method, {})[seed] = records
+      runs.setdefault(records[0].get('method', method), {})[seed] = records
   return runs
 
 
@@ -122,9 +124,10 @@ def predictions(workdir: str, config, fed, method: str, seed: int, path: str,
   import jax
   import jax.numpy as jnp
 
-  from pflresfim_jax import checkpoint, methods, train
+  from pflresfim_jax import build as run_parts   # jax only when predictions are drawn
+  from pflresfim_jax import checkpoint
   from pflresfim_jax.clients import sharding
-  ckpt_dir = os.path.join(workdir, method, f'seed{seed}', 'checkpoints')
+  ckpt_dir = os.path.join(workdir, run_parts.method_folder(method), f'seed{seed}', 'checkpoints')
   if not os.path.isdir(ckpt_dir):
     return False
   ckpt = checkpoint.Checkpointer(ckpt_dir, config.checkpoint.every, config.checkpoint.keep)
@@ -133,8 +136,7 @@ def predictions(workdir: str, config, fed, method: str, seed: int, path: str,
       return False
     # The run may have padded its clients for D devices; the report uses one device.
     k_pad = int(ckpt.meta().get('clients_padded', fed.num_clients))
-    ctx = methods.Context(train.build_model(config), k_pad, fed.image_shape, config, config.rounds)
-    algo = methods.build(method, ctx)
+    algo = run_parts.algorithm(config, method, k_pad, fed.image_shape)
     one = sharding.replicated(sharding.client_mesh(1))
     key = jax.random.PRNGKey(0)
     abstract = {'fed': sharding.abstract(jax.eval_shape(algo.init, key), one),
@@ -190,7 +192,7 @@ def build(workdir: str, config=None, fed=None) -> str:
   """
   import ml_collections
 
-  from pflresfim_jax import train
+  from pflresfim_jax import build as run_parts   # jax only when the federation is loaded
   if config is None:
     path = os.path.join(workdir, 'config.json')
     if not os.path.exists(path):
@@ -201,7 +203,7 @@ def build(workdir: str, config=None, fed=None) -> str:
     if isinstance(config.data.image_size, list):
       config.data.image_size = tuple(config.data.image_size)
   if fed is None:
-    fed = train.load_federation(config)
+    fed = run_parts.load_federation(config)
   runs = load_metrics(workdir)
   if not runs:
     raise FileNotFoundError(f'no <method>/seed<k>/metrics.jsonl in {workdir}: nothing to report')
@@ -210,7 +212,9 @@ def build(workdir: str, config=None, fed=None) -> str:
   pictures = []
   dice_curves(runs, list(fed.clients), os.path.join(pics_dir, 'dice_curves.png'))
   pictures.append(('Validation Dice per round', 'dice_curves.png'))
-  masked = next((m for m in ('pfl_resfim', 'fedcac') if m in runs), None)
+  # The first method whose mask changes by round (pfl_resfim first): its heat map.
+  masked = next((m for m in sorted(runs, key=lambda m: (m != 'pfl_resfim', m))
+                 if 'layer_fraction' in runs[m][min(runs[m])][-1]), None)
   if masked is not None:
     seed = min(runs[masked])
     if local_layers(runs[masked][seed], list(fed.clients), masked,

@@ -24,100 +24,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from pflresfim_jax import checkpoint, distributed, methods, models, spectral
+from pflresfim_jax import build, checkpoint, distributed, methods
 from pflresfim_jax.clients import engine, sharding
-from pflresfim_jax import config as config_lib
-from pflresfim_jax.config import METHODS
 from pflresfim_jax.data import federation
-from pflresfim_jax.data import phantom
 
 log = logging.getLogger('pflresfim_jax')
-
-
-def parse_methods(value) -> List[str]:
-  """'all', one name, or a comma list -> list of method names (checked)."""
-  names = list(METHODS) if str(value) == 'all' else [m.strip() for m in str(value).split(',') if m.strip()]
-  for m in names:
-    if m not in METHODS:
-      raise ValueError(f'config.method: unknown method {m!r}; choose from {", ".join(METHODS)} or all')
-  if not names:
-    raise ValueError('config.method is empty')
-  return names
-
-
-def parse_seeds(value) -> List[int]:
-  """'0,1,2' or an int -> [0, 1, 2]."""
-  try:
-    seeds = [int(s) for s in str(value).replace(' ', '').split(',') if s != '']
-  except ValueError:
-    raise ValueError(f'config.seeds must be integers separated by commas, got {value!r}') from None
-  if not seeds:
-    raise ValueError('config.seeds is empty')
-  return seeds
 
 
 def default_workdir(config) -> str:
   """``runs/<data name>-<method>`` (phantom runs: ``runs/phantom-<method>``)."""
   data = 'phantom' if config.data.root is None and not config.data.clients else config.data.name
-  return os.path.join('runs', f'{data}-{str(config.method).replace(",", "+")}')
-
-
-def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Fill the fields whose default depends on phantom vs real data (see config.py)."""
-  config = ml_collections.ConfigDict(config.to_dict())  # a copy; placeholders become values
-  config_lib.validate(config)   # every field, before anything is loaded or traced
-  on_phantom = config.data.root is None and not config.data.clients
-  if config.rounds is None:
-    config.rounds = config.phantom.rounds if on_phantom else config.paper_rounds
-  if config.model.base is None:
-    config.model.base = config.phantom.model_base if on_phantom else config.model.paper_base
-  parse_methods(config.method)
-  parse_seeds(config.seeds)
-  return config
-
-
-def load_federation(config) -> federation.Federation:
-  """The phantom when no data folder is given, else the real loaders."""
-  if config.data.root is None and not config.data.clients:
-    return phantom.load(seed=config.phantom.seed, image_size=config.phantom.image_size,
-                        num_sites=config.phantom.num_sites)
-  from pflresfim_jax.data import loaders  # PIL / nibabel only when real data is read
-  return loaders.load(config)
-
-
-def build_model(config):
-  dtype = jnp.bfloat16 if config.engine.precision == 'bf16' else jnp.float32
-  if config.model.name != 'unet':
-    raise ValueError(f"model.name must be 'unet', got {config.model.name!r}")
-  return models.UNet2D(base=config.model.base, dtype=dtype)
-
-
-def device_data(fed: federation.Federation, mesh=None) -> Dict[str, Dict[str, jax.Array]]:
-  """The splits as device arrays ``{split: {'image','label','count'}}``, client axis on ``mesh``.
-
-  With a mesh of D devices the client axis is padded to a multiple of D with empty
-  clients (count 0); see clients/sharding.py.
-  """
-  mesh = mesh or sharding.client_mesh(1)
-  k_pad = sharding.padded_clients(fed.num_clients, mesh)
-  return {s: sharding.put_clients(sharding.pad_clients(
-      {'image': getattr(fed, s).images, 'label': getattr(fed, s).labels,
-       'count': getattr(fed, s).counts}, k_pad), mesh) for s in federation.SPLITS}
-
-
-def build_bank(fed: federation.Federation, config, mesh=None) -> Dict[str, jax.Array]:
-  """The spectral bank: only low-frequency amplitude windows leave each client (replicated)."""
-  windows, owner = [], []
-  for k in range(fed.num_clients):
-    images, _ = fed.train.client(k)
-    windows.append(np.asarray(spectral.amplitude_bank(jnp.asarray(images), config.spectral.ratio)))
-    owner.append(np.full(len(images), k, np.int32))
-  bank, owner = jnp.asarray(np.concatenate(windows)), jnp.asarray(np.concatenate(owner))
-  if config.spectral.share == 'client_mean':
-    bank, owner = spectral.client_mean_bank(bank, owner, fed.num_clients)
-  # Host arrays: under jax.distributed each process places its own devices' copies.
-  return jax.device_put({'windows': np.asarray(bank), 'owner': np.asarray(owner)},
-                        sharding.replicated(mesh or sharding.client_mesh(1)))
+  return os.path.join('runs', f'{data}-{build.method_folder(str(config.method).replace(",", "+"))}')
 
 
 class Progress:
@@ -178,34 +95,6 @@ class StopFlag:
     return False
 
 
-def compile_method(config, fed: federation.Federation, method: str, mesh=None):
-  """``(init, round)`` of ``method`` jitted: built once, reused for every seed.
-
-  The client axis is padded to a multiple of the mesh size and split over it
-  (clients/sharding.py). The round's metrics gain 'finite' [K]: whether every
-  float in a client's state (parameters, personal model) and its training loss are
-  finite.
-  """
-  mesh = mesh or sharding.client_mesh(1)
-  ctx = methods.Context(build_model(config), sharding.padded_clients(fed.num_clients, mesh),
-                        fed.image_shape, config, config.rounds, mesh=mesh)
-  algo = methods.build(method, ctx)
-
-  def checked_round(state, data, bank, key, rnd):
-    state, metrics = algo.round(state, data, bank, key, rnd)
-    def finite(tree):
-      leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
-      return jax.vmap(lambda *xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(*leaves)
-    ok = finite({'p': state['params'], 'v': state['personal']}) & jnp.isfinite(metrics['train_loss'])
-    return state, {**metrics, 'finite': ok}
-  # The state keeps its client axis split over the mesh from round to round (constant
-  # leaves included), so every round after the first reuses the compiled program.
-  init = jax.jit(algo.init, out_shardings=sharding.split(mesh))
-  # Metrics come back replicated: every process (jax.distributed) can read them.
-  return init, jax.jit(checked_round, donate_argnums=(0,),
-                       out_shardings=(sharding.split(mesh), sharding.replicated(mesh)))
-
-
 def _event_writer(config, run_dir: str):
   """A TensorBoard writer (tensorboardX or torch's) or None: config.tensorboard."""
   mode = str(config.tensorboard).lower()
@@ -250,6 +139,56 @@ def _round_record(method, seed, rnd, m) -> Dict:
   return record
 
 
+def _start(ckpt, init_fn, seed: int, k: int, bank, mesh, metrics_path: str, what: str):
+  """A run's first round and state: fresh, or after the latest checkpoint.
+
+  Returns (first round to train, state, run key, bank, (best val Dice [K], its round [K],
+  test metrics recorded there)); metrics.jsonl is cut to the rounds kept.
+  """
+  k_init, k_run = methods.run_keys(seed)
+  start = ckpt.latest()
+  if start is None:
+    _keep_lines(metrics_path, 0)
+    return 0, init_fn(k_init), k_run, bank, (np.full(k, -1.0, np.float32), np.full(k, -1), {})
+  slots = int(ckpt.meta(start).get('clients_padded', sharding.padded_clients(k, mesh)))
+  if slots != sharding.padded_clients(k, mesh):
+    ckpt.close()
+    raise ValueError(
+        f'{ckpt.directory} holds {slots} client slots ({k} clients padded for the devices it '
+        f'ran on), but {mesh.size} device(s) pad them to {sharding.padded_clients(k, mesh)}: '
+        'resume with config.engine.devices set to a count that pads to the same number, or '
+        'start fresh with --config.resume=false')
+  abstract = {'fed': sharding.abstract(jax.eval_shape(init_fn, k_init), sharding.split(mesh)),
+              'key': sharding.abstract(k_run, sharding.replicated(mesh))}
+  saved, bank, meta = ckpt.restore(abstract, sharding.abstract(bank, sharding.replicated(mesh)))
+  best = (np.asarray(meta['best_val'], np.float32), np.asarray(meta['best_round']),
+          {n: np.asarray(v, np.float32) for n, v in meta['recorded'].items()})
+  _keep_lines(metrics_path, start + 1)
+  log.warning('%s: resuming after round %d from %s', what, start, ckpt.directory)
+  return start + 1, saved['fed'], jnp.asarray(np.asarray(saved['key'])), bank, best
+
+
+def _check_finite(m, clients, ckpt, what: str) -> None:
+  """Raise Diverged naming the clients whose loss or state is not finite."""
+  if m['finite'].all():
+    return
+  bad = [clients[i] for i in np.flatnonzero(~m['finite'])]
+  last = ckpt.latest()
+  raise Diverged(
+      f'{what}: non-finite loss or parameters on client(s) {", ".join(bad)}; the last good '
+      'checkpoint ' + (f'(after round {last}) is kept in {ckpt.directory}' if last is not None
+                       else 'does not exist (no round finished cleanly)')
+      + '; lower config.lr or check the data')
+
+
+def _log_scalars(writer, m, clients, rnd: int) -> None:
+  writer.add_scalar('val/dice_mean', float(m['val']['dice'].mean()), rnd)
+  writer.add_scalar('train/loss_mean', float(m['train_loss'].mean()), rnd)
+  for i, c in enumerate(clients):
+    writer.add_scalar(f'val/dice/{c}', float(m['val']['dice'][i]), rnd)
+    writer.add_scalar(f'local_fraction/{c}', float(m['local_fraction'][i]), rnd)
+
+
 def run_one(config, fed: federation.Federation, method: str, seed: int, workdir: str,
             data=None, bank=None, compiled=None, stop: StopFlag | None = None, mesh=None
             ) -> Dict[str, np.ndarray]:
@@ -275,38 +214,15 @@ def run_one(config, fed: federation.Federation, method: str, seed: int, workdir:
     log.warning('%s seed %d: finished earlier (%s), not retrained', method, seed, done)
     return {n: np.asarray(v, np.int64 if n == 'best_round' else np.float32) for n, v in saved.items()}
   mesh = mesh or sharding.client_mesh(1)
-  data = device_data(fed, mesh) if data is None else data
-  bank = build_bank(fed, config, mesh) if bank is None else bank
-  init_fn, round_fn = compiled or compile_method(config, fed, method, mesh)
-  k_init, k_run = methods.run_keys(seed)
+  data = build.device_data(fed, mesh) if data is None else data
+  bank = build.spectral_bank(fed, config, mesh) if bank is None else bank
+  init_fn, round_fn = compiled or build.compile_method(config, fed, method, mesh)
   k = fed.num_clients
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), config.checkpoint.every,
                                  config.checkpoint.keep)
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
-  start = ckpt.latest()
-  if start is None:
-    state = init_fn(k_init)
-    best_val, best_round, recorded = np.full(k, -1.0, np.float32), np.full(k, -1), {}
-    _keep_lines(metrics_path, 0)
-  else:
-    slots = int(ckpt.meta(start).get('clients_padded', sharding.padded_clients(k, mesh)))
-    if slots != sharding.padded_clients(k, mesh):
-      ckpt.close()
-      raise ValueError(
-          f'{ckpt.directory} holds {slots} client slots ({k} clients padded for the devices it '
-          f'ran on), but {mesh.size} device(s) pad them to {sharding.padded_clients(k, mesh)}: '
-          'resume with config.engine.devices set to a count that pads to the same number, or '
-          'start fresh with --config.resume=false')
-    abstract = {'fed': sharding.abstract(jax.eval_shape(init_fn, k_init), sharding.split(mesh)),
-                'key': sharding.abstract(k_run, sharding.replicated(mesh))}
-    saved, bank, meta = ckpt.restore(abstract, sharding.abstract(bank, sharding.replicated(mesh)))
-    state, k_run = saved['fed'], jnp.asarray(np.asarray(saved['key']))
-    best_val = np.asarray(meta['best_val'], np.float32)
-    best_round = np.asarray(meta['best_round'])
-    recorded = {n: np.asarray(v, np.float32) for n, v in meta['recorded'].items()}
-    _keep_lines(metrics_path, start + 1)
-    log.warning('%s seed %d: resuming after round %d from %s', method, seed, start, ckpt.directory)
-  start = 0 if start is None else start + 1
+  start, state, k_run, bank, (best_val, best_round, recorded) = _start(
+      ckpt, init_fn, seed, k, bank, mesh, metrics_path, f'{method} seed {seed}')
   mesh_clients = sharding.padded_clients(k, mesh)
   half = config.rounds // 2
   main = distributed.is_main()
@@ -321,15 +237,7 @@ def run_one(config, fed: federation.Federation, method: str, seed: int, workdir:
                             'command again to resume')
         state, metrics = round_fn(state, data, bank, jax.random.fold_in(k_run, rnd), jnp.int32(rnd))
         m = jax.tree.map(lambda v: np.asarray(v)[:k], metrics)  # padded clients dropped
-        if not m['finite'].all():
-          bad = [fed.clients[i] for i in np.flatnonzero(~m['finite'])]
-          last = ckpt.latest()
-          raise Diverged(
-              f'{method} seed {seed}: round {rnd}: non-finite loss or parameters on client(s) '
-              f'{", ".join(bad)}; the last good checkpoint '
-              + (f'(after round {last}) is kept in {ckpt.directory}' if last is not None else
-                 'does not exist (no round finished cleanly)')
-              + '; lower config.lr or check the data')
+        _check_finite(m, fed.clients, ckpt, f'{method} seed {seed}: round {rnd}')
         val_dice = last_val = m['val']['dice']
         if rnd >= half:
           better = val_dice > best_val
@@ -340,11 +248,7 @@ def run_one(config, fed: federation.Federation, method: str, seed: int, workdir:
         out.write(json.dumps(_round_record(method, seed, rnd, m)) + '\n')
         out.flush()
         if writer is not None:
-          writer.add_scalar('val/dice_mean', float(val_dice.mean()), rnd)
-          writer.add_scalar('train/loss_mean', float(m['train_loss'].mean()), rnd)
-          for i, c in enumerate(fed.clients):
-            writer.add_scalar(f'val/dice/{c}', float(val_dice[i]), rnd)
-            writer.add_scalar(f'local_fraction/{c}', float(m['local_fraction'][i]), rnd)
+          _log_scalars(writer, m, fed.clients, rnd)
         if ckpt.due(rnd, config.rounds) or (stop is not None and stop.requested):
           meta = {'round': rnd, 'method': method, 'seed': seed, 'clients_padded': mesh_clients,
                   'best_val': best_val.tolist(), 'best_round': best_round.tolist(),
@@ -447,7 +351,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     {'workdir': the folder used, 'clients': names, 'methods': {method: {'per_seed': [run_one results]}},
      'tables': {'md', 'csv'} of the results table}.
   """
-  config = resolve(config)
+  config = build.resolve(config)
   workdir = prepare_workdir(config, workdir)
   on_phantom = config.data.root is None and not config.data.clients
   if on_phantom:
@@ -455,23 +359,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                 '%d rounds, UNet base %d); pass --config.data.root=/path for real data',
                 config.phantom.num_sites, config.phantom.image_size, config.phantom.image_size,
                 config.rounds, config.model.base)
-  fed = load_federation(config)
+  fed = build.load_federation(config)
   log.warning('%s', fed.summary())
   mesh = sharding.client_mesh(config.engine.devices)
   log.warning('JAX backend %s, client axis %s, %d device(s) (%d clients padded to %d)',
               jax.default_backend(), engine.resolve_client_axis(config.engine.client_axis),
               mesh.size, fed.num_clients, sharding.padded_clients(fed.num_clients, mesh))
-  data, bank = device_data(fed, mesh), build_bank(fed, config, mesh)
-  seeds = parse_seeds(config.seeds)
+  data, bank = build.device_data(fed, mesh), build.spectral_bank(fed, config, mesh)
+  seeds = build.parse_seeds(config.seeds)
   rows: Dict[str, List[np.ndarray]] = {}
   results: Dict[str, Dict] = {}
   with StopFlag() as stop:
-    for method in parse_methods(config.method):
-      compiled = compile_method(config, fed, method, mesh)
+    for method in build.parse_methods(config.method):
+      compiled = build.compile_method(config, fed, method, mesh)
       state_bytes = checkpoint.tree_bytes(jax.eval_shape(compiled[0], jax.random.PRNGKey(0)))
       if distributed.is_main():
         checkpoint.check_writable(workdir, len(seeds) * (config.checkpoint.keep + 1) * state_bytes)
-      per_seed = [run_one(config, fed, method, seed, os.path.join(workdir, method, f'seed{seed}'),
+      per_seed = [run_one(config, fed, method, seed, os.path.join(workdir, build.method_folder(method), f'seed{seed}'),
                           data, bank, compiled, stop, mesh) for seed in seeds]
       rows[method] = [r['test_dice'] for r in per_seed]
       results[method] = {'per_seed': per_seed}

@@ -2,7 +2,7 @@
 import jax
 import numpy as np
 
-from pflresfim_jax import config as config_lib, methods, train
+from pflresfim_jax import build, config as config_lib, methods
 from pflresfim_jax.data import phantom
 
 
@@ -24,7 +24,7 @@ def tiny_config(**overrides):
     for p in path:
       node = node[p]
     node[last] = v
-  return train.resolve(c)
+  return build.resolve(c)
 
 
 _FED = {}
@@ -41,9 +41,9 @@ def tiny_fed(image_size=16, num_sites=3):
 def setup(method, **overrides):
   cfg = tiny_config(**overrides)
   fed = tiny_fed(cfg.phantom.image_size, cfg.phantom.num_sites)
-  ctx = methods.Context(train.build_model(cfg), fed.num_clients, fed.image_shape, cfg, cfg.rounds)
+  ctx = methods.Context(build.model(cfg), fed.num_clients, fed.image_shape, cfg, cfg.rounds)
   algo = methods.build(method, ctx)
-  data, bank = train.device_data(fed), train.build_bank(fed, cfg)
+  data, bank = build.device_data(fed), build.spectral_bank(fed, cfg)
   return cfg, fed, algo, data, bank
 
 

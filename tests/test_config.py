@@ -4,12 +4,12 @@ import sys
 
 import pytest
 
-from pflresfim_jax import config as config_lib, train
+from pflresfim_jax import build, config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # One bad value per rule (a table over the whole config): each must be refused by
-# train.resolve, before anything is loaded or traced, naming its full field.
+# build.resolve, before anything is loaded or traced, naming its full field.
 BAD = [
     ('rounds', 0), ('paper_rounds', -1), ('local_epochs', -1), ('batch_size', 0), ('lr', 0.0),
     ('lr_schedule', 'cosine'), ('weight_decay', -1e-4), ('data.name', 'retina'),
@@ -45,7 +45,7 @@ def with_value(path, value):
 @pytest.mark.parametrize('path,value', BAD, ids=[p for p, _ in BAD])
 def test_bad_value_names_its_full_field(path, value):
   with pytest.raises(ValueError, match=rf'config\.{path} '):
-    train.resolve(with_value(path, value))
+    build.resolve(with_value(path, value))
 
 
 def test_every_field_has_a_rule():
@@ -69,14 +69,14 @@ def test_shipped_configs_and_edges_pass():
   for name in ('vessel', 'prostate', 'gland'):
     scope = {}
     exec(open(os.path.join(ROOT, 'configs', f'{name}.py')).read(), scope)
-    train.resolve(scope['get_config']())
+    build.resolve(scope['get_config']())
   for path, value in [('local_epochs', 0), ('resfim.ratio', 0.0), ('fisher.chunk_size', None),
                       ('engine.unroll', 'false'), ('engine.devices', '2'), ('spectral.ratio', 0.0)]:
-    train.resolve(with_value(path, value))
+    build.resolve(with_value(path, value))
   c = with_value('spectral.lam_max', 0.1)
   c.spectral.lam_min = 0.5
   with pytest.raises(ValueError, match=r'config\.spectral\.lam_min \(0.5\) must be <= config\.spectral\.lam_max'):
-    train.resolve(c)
+    build.resolve(c)
 
 
 def test_entry_point_refuses_before_loading(tmp_path):

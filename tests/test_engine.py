@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pflresfim_jax import train
+from pflresfim_jax import build
 from pflresfim_jax.clients import engine
 from fed_helpers import setup
 from helpers import assert_tree_close, random_batch, sum_rtol, tiny_unet
@@ -39,7 +39,7 @@ def _train(data, key, epochs=2, batch=4):
   model, params, stats = tiny_unet()
   tx = engine.optimizer(5e-4)
   loss = engine.seg_loss(model)
-  step = engine.sgd_step(lambda p, s, b, m, a: loss(p, s, b, m), tx)
+  step = engine.train_step(loss, tx)
   run = jax.jit(lambda c, d, k: engine.local_train(step, c, None, d, k, 1e-2, epochs, batch,
                                                    flip=False, rot90=False))
   return run((params, stats, tx.init(params)), data, key), (params, stats)
@@ -76,7 +76,7 @@ def test_vmap_and_map_agree_and_round_compiles_once():
   results = {}
   for axis in ('vmap', 'map'):
     cfg, fed, _, data, bank = setup('pfl_resfim', lr=1e-6, **{'engine.client_axis': axis})
-    init_fn, round_fn = train.compile_method(cfg, fed, 'pfl_resfim')   # what the trainer runs
+    init_fn, round_fn = build.compile_method(cfg, fed, 'pfl_resfim')   # what the trainer runs
     state = init_fn(jax.random.PRNGKey(0))
     for rnd in range(2):
       state, metrics = round_fn(state, data, bank, jax.random.PRNGKey(rnd), jnp.int32(rnd))
@@ -104,3 +104,70 @@ def test_fisher_chunk_auto_and_checked():
   assert engine.resolve_fisher_chunk(8, unroll=True) == 8
   with pytest.raises(ValueError, match='fisher.chunk_size'):
     engine.resolve_fisher_chunk(0, unroll=False)
+
+
+def _adam_l2_reference(p, grad_fn, lrs, wd, b1=0.9, b2=0.999, eps=1e-8):
+  """torch's Adam(weight_decay=wd) written out in float64, one rate per step."""
+  m = np.zeros_like(p)
+  v = np.zeros_like(p)
+  for t, lr in enumerate(lrs, start=1):
+    g = grad_fn(p) + wd * p
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    p = p - lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+  return p
+
+
+def test_train_step_is_adam_with_l2_and_the_rate_it_is_given():
+  rng = np.random.default_rng(0)
+  x, y = rng.normal(size=(5, 3)), rng.normal(size=5)
+  w0 = {'a': rng.normal(size=3), 'b': rng.normal(size=2)}
+  target = rng.normal(size=2)
+
+  def loss_fn(params, stats, batch, mask, aux):
+    fit = jnp.sum((batch['x'] @ params['a'] - batch['y']) ** 2)
+    return fit + jnp.sum((params['b'] - target) ** 2), stats
+
+  lrs = [1e-2, 1e-2, 5e-3, 0.0, 2.5e-3]   # the round schedule's rate, changed between steps
+  tx = engine.optimizer(5e-4)
+  step = jax.jit(engine.train_step(loss_fn, tx))
+  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), w0)
+  carry = (params, {}, tx.init(params))
+  batch = {'x': jnp.asarray(x, jnp.float32), 'y': jnp.asarray(y, jnp.float32)}
+  for lr in lrs:
+    carry, _ = step(carry, None, batch, None, jnp.float32(lr))
+  want_a = _adam_l2_reference(w0['a'], lambda a: 2 * x.T @ (x @ a - y), lrs, 5e-4)
+  want_b = _adam_l2_reference(w0['b'], lambda b: 2 * (b - target), lrs, 5e-4)
+  # Five float32 Adam steps of size ~lr: their rounding (a few eps of each step and of
+  # the parameters) against float64.
+  np.testing.assert_allclose(carry[0]['a'], want_a, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(carry[0]['b'], want_b, rtol=1e-5, atol=1e-6)
+
+  # Frozen by path: 'b' never moves and carries no Adam moments; 'a' moves as before.
+  frozen_tx = engine.optimizer(5e-4, trainable=lambda path: 'a' in str(path))
+  step = jax.jit(engine.train_step(loss_fn, frozen_tx))
+  carry = (params, {}, frozen_tx.init(params))
+  for lr in lrs:
+    carry, _ = step(carry, None, batch, None, jnp.float32(lr))
+  np.testing.assert_array_equal(carry[0]['b'], params['b'])
+  np.testing.assert_allclose(carry[0]['a'], want_a, rtol=1e-5, atol=1e-6)
+  moments = [x.shape for x in jax.tree.leaves(carry[2]) if getattr(x, 'ndim', 0) > 0]
+  assert (2,) not in moments and (3,) in moments
+
+
+def test_round_schedule_halves_every_quarter_or_stays():
+  cfg = build.resolve(base_with(lr=1e-3, lr_schedule='step'))
+  sched = engine.round_schedule(cfg, 20)
+  got = [float(sched(jnp.int32(r))) for r in range(20)]
+  assert got == [np.float32(1e-3) * 0.5 ** (r // 5) for r in range(20)]   # exact: powers of 2
+  const = engine.round_schedule(build.resolve(base_with(lr_schedule='constant')), 20)
+  assert float(const(jnp.int32(13))) == 1e-3
+  with pytest.raises(ValueError, match='config.lr_schedule'):
+    engine.round_schedule(base_with(lr_schedule='cosine'), 20)
+
+
+def base_with(**fields):
+  from pflresfim_jax import config as config_lib
+  c = config_lib.base_config()
+  c.update(fields)
+  return c

@@ -1,12 +1,16 @@
-"""Each method's defining behaviour, on a tiny UNet and a 3-site phantom at 16x16."""
+"""Each method's defining behaviour, on a tiny UNet and a 3-site phantom at 16x16; the registry."""
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pflresfim_jax import masks, models
+from pflresfim_jax import build, masks, methods, models
 from fed_helpers import leaves_equal_across_clients, setup
 from helpers import EPS32, assert_tree_close, sum_rtol
 
@@ -20,12 +24,12 @@ def mean_tol(x):
 def one_round(method, **overrides):
   cfg, fed, algo, data, bank = setup(method, **dict(overrides))
   state0 = jax.jit(algo.init)(jax.random.PRNGKey(0))
-  lr = jnp.float32(cfg.lr)
-  keys = jax.random.split(jax.random.PRNGKey(1), fed.num_clients)
-  trained, _ = jax.jit(algo.local)(state0, data['train'], keys, lr)
-  after, info = jax.jit(algo.server)(trained, state0['params'], data, bank,
-                                     jax.random.split(jax.random.PRNGKey(2), fed.num_clients),
-                                     jnp.int32(0))
+  k = fed.num_clients
+  keys = [jax.random.split(jax.random.PRNGKey(i), k) for i in (1, 2)]
+  trained, agg_mask, _ = jax.jit(algo.client)(state0, data['train'], bank, *keys, jnp.int32(0),
+                                              jnp.arange(k))
+  weights = data['train']['count'].astype(jnp.float32)
+  after, info = jax.jit(algo.aggregate)(trained, agg_mask, weights, jnp.int32(0))
   return state0, trained, after, info, data
 
 
@@ -198,5 +202,56 @@ def test_predict_uses_each_clients_model(method):
 
 
 def algo_model(cfg):
-  from pflresfim_jax import train
-  return train.build_model(cfg)
+  return build.model(cfg)
+
+
+# ------------------------------------------------------------------ the registry
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(ROOT, 'examples', 'update_mask.py')
+
+
+def test_registry_lists_the_builtins_in_table_order():
+  from pflresfim_jax import config as config_lib
+  assert methods.names()[:len(config_lib.METHODS)] == config_lib.METHODS
+  assert all(issubclass(methods.get(m), methods.Method) for m in config_lib.METHODS)
+
+
+def test_methods_load_from_a_file_or_module_and_bad_specs_name_the_field(tmp_path):
+  spec = f'{EXAMPLE}:UpdateMask'
+  cls = methods.get(spec)
+  assert issubclass(cls, methods.Method) and spec in methods.names()
+  assert methods.get(spec) is cls                       # loaded once
+  assert methods.get('pflresfim_jax.methods.simple:FedBN') is methods.get('fedbn')
+  for bad, why in ((f'{EXAMPLE}:Nope', 'has no attribute'), ('nowhere.py:X', 'not found'),
+                   ('no_such_module_xyz:X', 'No module'), ('fedfoo', 'unknown method')):
+    with pytest.raises(ValueError, match='config.method') as e:
+      methods.get(bad)
+    assert why in str(e.value)
+  with pytest.raises(ValueError, match='not a Method'):
+    methods.get('json:JSONDecoder')                    # a class, but not a Method
+  with pytest.raises(ValueError, match='made a dict, not a Method'):
+    setup('builtins:vars')   # any callable is a factory, but it must make a Method
+  with pytest.raises(ValueError, match="'shared' or 'all'"):
+    methods.Contract(params='some')
+  with pytest.raises(ValueError, match='without commas'):
+    methods.register('a,b', cls)
+
+
+def test_example_method_runs_through_main(tmp_path):
+  """README 'Add your own method': examples/update_mask.py by path, no package edit."""
+  spec = f'{EXAMPLE}:UpdateMask'
+  cmd = [sys.executable, os.path.join(ROOT, 'experiments', 'main.py'),
+         f'--config={os.path.join(ROOT, "configs", "vessel.py")}', f'--workdir={tmp_path}',
+         f'--config.method={spec}', '--config.rounds=2', '--config.local_epochs=1',
+         '--config.model.base=2', '--config.phantom.image_size=16', '--config.phantom.num_sites=2',
+         '--config.eval.batch_size=4', '--config.report.enabled=false']
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = (tmp_path / 'results.csv').read_text().splitlines()
+  assert rows[1].startswith(spec + ',')
+  folder = tmp_path / build.method_folder(spec) / 'seed0'
+  last = json.loads((folder / 'metrics.jsonl').read_text().splitlines()[-1])
+  # ceil(10%) of each tensor's entries kept local: at least 10% overall, and per module.
+  assert all(0.1 <= f < 0.35 for f in last['local_fraction'])
+  assert set(last['layer_fraction']) >= {'head'}

@@ -31,7 +31,7 @@ def test_padding_and_mesh_helpers():
 SCRIPT = r'''
 import json, sys
 import jax, numpy as np
-from pflresfim_jax import train
+from pflresfim_jax import build, train
 from pflresfim_jax.clients import sharding
 sys.path.insert(0, sys.argv[2])
 from fed_helpers import tiny_config, tiny_fed
@@ -48,11 +48,11 @@ for method, axis, devices in [('pfl_resfim', 'vmap', 1), ('pfl_resfim', 'vmap', 
   lines = [json.loads(l) for l in open(workdir + '/metrics.jsonl')]
   from pflresfim_jax import checkpoint
   ck = checkpoint.Checkpointer(workdir + '/checkpoints', 1, 1)
-  init_fn, _ = train.compile_method(cfg, fed, method, mesh)
+  init_fn, _ = build.compile_method(cfg, fed, method, mesh)
   one = sharding.replicated(sharding.client_mesh(1))
   saved, _, _ = ck.restore({'fed': sharding.abstract(jax.eval_shape(init_fn, jax.random.PRNGKey(0)), one),
                             'key': sharding.abstract(jax.random.PRNGKey(0), one)},
-                           sharding.abstract(train.build_bank(fed, cfg), one))
+                           sharding.abstract(build.spectral_bank(fed, cfg), one))
   ck.close()
   params = np.concatenate([np.asarray(x)[:3].ravel() for x in jax.tree.leaves(saved['fed']['params'])])
   np.save(f'{workdir}/params.npy', params)

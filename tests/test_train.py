@@ -7,33 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from pflresfim_jax import config as config_lib, train
+from pflresfim_jax import build, config as config_lib, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def test_parse_methods_and_seeds():
-  assert train.parse_methods('all') == list(config_lib.METHODS)
-  assert train.parse_methods('fedavg, fedbn') == ['fedavg', 'fedbn']
-  with pytest.raises(ValueError, match='fedfoo'):
-    train.parse_methods('fedavg,fedfoo')
-  assert train.parse_seeds('0,1,2') == [0, 1, 2] and train.parse_seeds(3) == [3]
-  with pytest.raises(ValueError, match='config.seeds'):
-    train.parse_seeds('a,b')
-
-
-def test_resolve_picks_phantom_or_paper_defaults():
-  c = config_lib.base_config()
-  r = train.resolve(c)
-  assert r.rounds == c.phantom.rounds and r.model.base == c.phantom.model_base
-  c.data.root = '/somewhere'
-  r = train.resolve(c)
-  assert r.rounds == c.paper_rounds and r.model.base == 16
-  c.rounds = 7
-  assert train.resolve(c).rounds == 7
-  c.engine.precision = 'fp8'
-  with pytest.raises(ValueError, match='engine.precision'):
-    train.resolve(c)
 
 
 def test_default_workdir():
@@ -179,24 +155,24 @@ def test_interrupt_kill_resume_equals_straight_run(tmp_path):
 
 def test_workdir_with_another_config_is_refused(tmp_path, capsys):
   a = config_lib.base_config()
-  train.prepare_workdir(train.resolve(a), str(tmp_path))
+  train.prepare_workdir(build.resolve(a), str(tmp_path))
   b = config_lib.base_config()
   b.rounds, b.lr = 20, 0.01
   # No training output yet (e.g. the first try stopped on a data error): replaced.
-  assert train.prepare_workdir(train.resolve(b), str(tmp_path)) == str(tmp_path)
-  train.prepare_workdir(train.resolve(a), str(tmp_path))
+  assert train.prepare_workdir(build.resolve(b), str(tmp_path)) == str(tmp_path)
+  train.prepare_workdir(build.resolve(a), str(tmp_path))
   saved = (tmp_path / 'config.json').read_text()
   (tmp_path / 'pfl_resfim' / 'seed0').mkdir(parents=True)
   (tmp_path / 'pfl_resfim' / 'seed0' / 'metrics.jsonl').write_text('{}\n')
   with pytest.raises(ValueError) as e:
-    train.prepare_workdir(train.resolve(b), str(tmp_path))
+    train.prepare_workdir(build.resolve(b), str(tmp_path))
   assert 'rounds: 12 in the workdir, 20 now' in str(e.value) and 'lr: 0.001' in str(e.value)
   assert 'resume=false' in str(e.value)
   c = config_lib.base_config()
   c.method, c.seeds, c.checkpoint.every = 'fedavg', '0,1', 2     # do not change results: resumable
-  assert train.prepare_workdir(train.resolve(c), str(tmp_path)) == str(tmp_path)
+  assert train.prepare_workdir(build.resolve(c), str(tmp_path)) == str(tmp_path)
   b.resume = False
-  fresh = train.prepare_workdir(train.resolve(b), str(tmp_path))
+  fresh = train.prepare_workdir(build.resolve(b), str(tmp_path))
   assert fresh == str(tmp_path / 'run-2')
   assert json.loads((tmp_path / 'run-2' / 'config.json').read_text())['rounds'] == 20
   assert json.loads(saved)['rounds'] == json.loads((tmp_path / 'config.json').read_text())['rounds'] == 12
@@ -219,7 +195,7 @@ def test_non_finite_stops_with_round_and_client_keeping_last_checkpoint(tmp_path
   from fed_helpers import tiny_config, tiny_fed
   cfg = tiny_config(method='local', rounds=4, **{'checkpoint.every': 1})
   fed = tiny_fed(16, 3)
-  init_fn, round_fn = train.compile_method(cfg, fed, 'local')
+  init_fn, round_fn = build.compile_method(cfg, fed, 'local')
 
   def poisoned(state, data, bank, key, rnd):  # client 1 blows up in round 2
     if int(rnd) == 2:

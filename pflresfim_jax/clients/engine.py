@@ -97,12 +97,55 @@ def map_clients(fn: Callable, strategy: str, *stacked, mesh=None):
   raise ValueError(f'unknown client-axis strategy {strategy!r}')
 
 
-def optimizer(weight_decay: float) -> optax.GradientTransformation:
-  """L2-coupled Adam direction (the learning rate is applied per step by the caller).
+def adam_l2(learning_rate, weight_decay: float) -> optax.GradientTransformation:
+  """Adam with L2 coupled into the gradient: torch's ``Adam(lr, weight_decay=...)``.
 
-  ``add_decayed_weights`` before Adam is torch's ``Adam(weight_decay=...)``.
+  ``add_decayed_weights`` before ``scale_by_adam``, then the (negated) learning rate.
   """
-  return optax.chain(optax.add_decayed_weights(weight_decay), optax.scale_by_adam())
+  return optax.chain(optax.add_decayed_weights(weight_decay), optax.scale_by_adam(),
+                     optax.scale_by_learning_rate(learning_rate))
+
+
+def optimizer(weight_decay: float, trainable: Optional[Callable[[Any], bool]] = None
+              ) -> optax.GradientTransformation:
+  """The clients' optimizer: :func:`adam_l2` with the learning rate held in its state.
+
+  The rate follows the round (:func:`round_schedule`), not the optimizer's step count,
+  so it is an ``optax.inject_hyperparams`` hyperparameter that :func:`train_step` sets
+  from its ``lr`` argument (:func:`with_learning_rate`).
+
+  Args:
+    weight_decay: the L2 coefficient.
+    trainable: optional predicate of a parameter's key path (e.g. models.is_head);
+      leaves it rejects are frozen (``optax.multi_transform`` with
+      ``optax.set_to_zero``: no update, no Adam state).
+  """
+  def make(learning_rate):
+    tx = adam_l2(learning_rate, weight_decay)
+    if trainable is None:
+      return tx
+    labels = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: 'train' if trainable(path) else 'frozen', params)
+    return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)
+  return optax.inject_hyperparams(make)(learning_rate=0.0)
+
+
+def with_learning_rate(opt_state, lr):
+  """``opt_state`` of :func:`optimizer` with its learning rate set to ``lr``."""
+  return opt_state._replace(hyperparams={**opt_state.hyperparams, 'learning_rate': lr})
+
+
+def round_schedule(config, rounds: int) -> optax.Schedule:
+  """The learning rate of round ``r`` (an optax schedule of the round index).
+
+  'step' (default) halves it every ``T // 4`` rounds; 'constant' keeps ``config.lr``.
+  """
+  if config.lr_schedule == 'constant':
+    return optax.constant_schedule(config.lr)
+  if config.lr_schedule == 'step':
+    return optax.exponential_decay(config.lr, transition_steps=max(1, rounds // 4),
+                                   decay_rate=0.5, staircase=True)
+  raise ValueError(f"config.lr_schedule must be 'step' or 'constant', got {config.lr_schedule!r}")
 
 
 def augment(key: Array, image: Array, label: Array, flip: bool, rot90: bool):
@@ -127,38 +170,35 @@ def epoch_order(key: Array, count, nmax: int, length: int) -> Array:
 
 
 def seg_loss(model) -> Callable:
-  """``loss(params, batch_stats, batch, mask) -> (loss, (new_batch_stats, logits))`` in train mode."""
-  def loss(params, batch_stats, batch, mask):
+  """``loss(params, batch_stats, batch, mask, aux=None) -> (loss, new_batch_stats)`` in train mode.
+
+  Dice + BCE of the model's logits; ``aux`` (a round constant) is unused here, present
+  so the function is a :func:`train_step` loss as it is.
+  """
+  def loss(params, batch_stats, batch, mask, aux=None):
+    del aux
     logits, updates = model.apply({'params': params, 'batch_stats': batch_stats}, batch['image'],
                                   train=True, mask=mask, mutable=['batch_stats'])
     return losses.dice_bce_loss(logits, batch['label'], mask), updates['batch_stats']
   return loss
 
 
-def sgd_step(loss_fn: Callable, tx: optax.GradientTransformation,
-             trainable: Optional[PyTree] = None) -> Callable:
+def train_step(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
   """One optimisation step over ``carry = (params, batch_stats, opt_state)``.
 
   Args:
     loss_fn: ``loss_fn(params, batch_stats, batch, mask, aux) -> (loss, new_batch_stats)``.
-    tx: update direction (see :func:`optimizer`); the step subtracts ``lr * direction``.
-    trainable: optional bool pytree like params; False leaves are frozen (no gradient,
-      no decay, unchanged).
+    tx: the optimizer (:func:`optimizer`; frozen entries are its business).
 
   Returns:
-    ``step(carry, aux, batch, mask, lr) -> (carry, loss)``.
+    ``step(carry, aux, batch, mask, lr) -> (carry, loss)``; ``lr`` is the round's rate.
   """
   def step(carry, aux, batch, mask, lr):
     params, stats, opt_state = carry
     (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, stats, batch, mask, aux)
-    if trainable is not None:
-      grads = jax.tree.map(lambda g, t: jnp.where(t, g, 0.0), grads, trainable)
-    direction, opt_state = tx.update(grads, opt_state, params)
-    if trainable is not None:
-      direction = jax.tree.map(lambda d, t: jnp.where(t, d, 0.0), direction, trainable)
-    params = jax.tree.map(lambda p, d: (p - lr * d).astype(p.dtype), params, direction)
-    return (params, new_stats, opt_state), loss
+    updates, opt_state = tx.update(grads, with_learning_rate(opt_state, lr), params)
+    return (optax.apply_updates(params, updates), new_stats, opt_state), loss
   return step
 
 
@@ -168,7 +208,7 @@ def local_train(step: Callable, carry: PyTree, aux: PyTree, data: Mapping[str, A
   """``epochs`` passes over ONE client's training data.
 
   Args:
-    step: ``step(carry, aux, batch, mask, lr) -> (carry, loss)`` (e.g. :func:`sgd_step`).
+    step: ``step(carry, aux, batch, mask, lr) -> (carry, loss)`` (e.g. :func:`train_step`).
     carry: the client's trainable state.
     aux: constants of the round (e.g. a proximal anchor), passed to ``step``.
     data: ``{'image': [Nmax,H,W,C], 'label': [Nmax,H,W,1], 'count': []}``.

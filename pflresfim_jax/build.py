@@ -1,0 +1,146 @@
+"""What a run is built from: the resolved config, the federation, the model, the
+device data, the spectral bank, and each method's compiled round.
+
+train.py (the loop), report.py, deploy.py and the experiments build through here;
+nothing here imports them.
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from pflresfim_jax import config as config_lib
+from pflresfim_jax import methods, models, spectral
+from pflresfim_jax.clients import sharding
+from pflresfim_jax.config import METHODS
+from pflresfim_jax.data import federation, phantom
+
+
+def parse_methods(value) -> List[str]:
+  """'all' (the built-in methods), one name, or a comma list -> method names.
+
+  Each name must be registered (methods.names()) or a ``module:Class`` /
+  ``file.py:Class`` spec, which is loaded here (methods.get).
+  """
+  names = list(METHODS) if str(value) == 'all' else [m.strip() for m in str(value).split(',') if m.strip()]
+  for m in names:
+    methods.get(m)
+  if not names:
+    raise ValueError('config.method is empty')
+  return names
+
+
+def parse_seeds(value) -> List[int]:
+  """'0,1,2' or an int -> [0, 1, 2]."""
+  try:
+    seeds = [int(s) for s in str(value).replace(' ', '').split(',') if s != '']
+  except ValueError:
+    raise ValueError(f'config.seeds must be integers separated by commas, got {value!r}') from None
+  if not seeds:
+    raise ValueError('config.seeds is empty')
+  return seeds
+
+
+def method_folder(name: str) -> str:
+  """A method's folder in a workdir: its name, with a ``module:Class`` or
+  ``file.py:Class`` spec made a single safe file name."""
+  return re.sub(r'[^A-Za-z0-9_.+-]+', '_', name)
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Fill the fields whose default depends on phantom vs real data (see config.py)."""
+  config = ml_collections.ConfigDict(config.to_dict())  # a copy; placeholders become values
+  config_lib.validate(config)   # every field, before anything is loaded or traced
+  on_phantom = config.data.root is None and not config.data.clients
+  if config.rounds is None:
+    config.rounds = config.phantom.rounds if on_phantom else config.paper_rounds
+  if config.model.base is None:
+    config.model.base = config.phantom.model_base if on_phantom else config.model.paper_base
+  parse_methods(config.method)
+  parse_seeds(config.seeds)
+  return config
+
+
+def load_federation(config) -> federation.Federation:
+  """The phantom when no data folder is given, else the real loaders."""
+  if config.data.root is None and not config.data.clients:
+    return phantom.load(seed=config.phantom.seed, image_size=config.phantom.image_size,
+                        num_sites=config.phantom.num_sites)
+  from pflresfim_jax.data import loaders  # PIL / nibabel only when real data is read
+  return loaders.load(config)
+
+
+def model(config):
+  """The segmentation model of config.model (and engine.precision)."""
+  dtype = jnp.bfloat16 if config.engine.precision == 'bf16' else jnp.float32
+  if config.model.name != 'unet':
+    raise ValueError(f"model.name must be 'unet', got {config.model.name!r}")
+  return models.UNet2D(base=config.model.base, dtype=dtype)
+
+
+def device_data(fed: federation.Federation, mesh=None) -> Dict[str, Dict[str, jax.Array]]:
+  """The splits as device arrays ``{split: {'image','label','count'}}``, client axis on ``mesh``.
+
+  With a mesh of D devices the client axis is padded to a multiple of D with empty
+  clients (count 0); see clients/sharding.py.
+  """
+  mesh = mesh or sharding.client_mesh(1)
+  k_pad = sharding.padded_clients(fed.num_clients, mesh)
+  return {s: sharding.put_clients(sharding.pad_clients(
+      {'image': getattr(fed, s).images, 'label': getattr(fed, s).labels,
+       'count': getattr(fed, s).counts}, k_pad), mesh) for s in federation.SPLITS}
+
+
+def spectral_bank(fed: federation.Federation, config, mesh=None) -> Dict[str, jax.Array]:
+  """The spectral bank: only low-frequency amplitude windows leave each client (replicated)."""
+  windows, owner = [], []
+  for k in range(fed.num_clients):
+    images, _ = fed.train.client(k)
+    windows.append(np.asarray(spectral.amplitude_bank(jnp.asarray(images), config.spectral.ratio)))
+    owner.append(np.full(len(images), k, np.int32))
+  bank, owner = jnp.asarray(np.concatenate(windows)), jnp.asarray(np.concatenate(owner))
+  if config.spectral.share == 'client_mean':
+    bank, owner = spectral.client_mean_bank(bank, owner, fed.num_clients)
+  # Host arrays: under jax.distributed each process places its own devices' copies.
+  return jax.device_put({'windows': np.asarray(bank), 'owner': np.asarray(owner)},
+                        sharding.replicated(mesh or sharding.client_mesh(1)))
+
+
+def algorithm(config, method: str, num_clients: int, image_shape: Sequence[int], mesh=None
+              ) -> methods.Algorithm:
+  """methods.build for a run: ``num_clients`` stacked clients of ``image_shape`` images."""
+  ctx = methods.Context(model(config), num_clients, tuple(image_shape), config, config.rounds,
+                        mesh=mesh)
+  return methods.build(method, ctx)
+
+
+def compile_method(config, fed: federation.Federation, method: str, mesh=None):
+  """``(init, round)`` of ``method`` jitted: built once, reused for every seed.
+
+  The client axis is padded to a multiple of the mesh size and split over it
+  (clients/sharding.py). The round's metrics gain 'finite' [K]: whether every
+  float in a client's state (parameters, personal model) and its training loss are
+  finite.
+  """
+  mesh = mesh or sharding.client_mesh(1)
+  algo = algorithm(config, method, sharding.padded_clients(fed.num_clients, mesh),
+                   fed.image_shape, mesh)
+
+  def checked_round(state, data, bank, key, rnd):
+    state, metrics = algo.round(state, data, bank, key, rnd)
+    def finite(tree):
+      leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+      return jax.vmap(lambda *xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(*leaves)
+    ok = finite({'p': state['params'], 'v': state['personal']}) & jnp.isfinite(metrics['train_loss'])
+    return state, {**metrics, 'finite': ok}
+  # The state keeps its client axis split over the mesh from round to round (constant
+  # leaves included), so every round after the first reuses the compiled program.
+  init = jax.jit(algo.init, out_shardings=sharding.split(mesh))
+  # Metrics come back replicated: every process (jax.distributed) can read them.
+  return init, jax.jit(checked_round, donate_argnums=(0,),
+                       out_shardings=(sharding.split(mesh), sharding.replicated(mesh)))
