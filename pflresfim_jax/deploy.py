@@ -155,7 +155,7 @@ def run_id(config, method: str, seed: int) -> str:
   """A short hash naming one run (config, method, seed): a client's state folder."""
   text = json.dumps({'config': config.to_dict(), 'method': method, 'seed': seed},
                     sort_keys=True, default=str)
-  return f'{method}-seed{seed}-{hashlib.sha256(text.encode()).hexdigest()[:10]}'
+  return f'{build.method_folder(method)}-seed{seed}-{hashlib.sha256(text.encode()).hexdigest()[:10]}'
 
 
 def _save_npz(path: str, flat: Flat) -> None:
