@@ -186,7 +186,7 @@ def pad_examples(fed: federation.Federation, slots: Dict[str, int]) -> federatio
 class ClientPrograms:
   """A client's jitted functions for one config and method (no client data inside).
 
-  ``client(state, train_data, bank, train_keys [1], stats_keys [1], rnd, client_ids [1])``
+  ``init(key)``; ``client(state, train_data, bank, train_keys [1], stats_keys [1], rnd, client_ids [1])``
   -> (state, agg_mask, loss): the method's own ``Algorithm.client`` for one client
   (leading axis 1); ``evaluate(state, data)``. Data, keys and the client id are
   arguments, not constants, so every client of a federation runs the same program.
@@ -194,6 +194,9 @@ class ClientPrograms:
 
   def __init__(self, config, method: str, image_shape: Sequence[int]):
     self.algo = build.algorithm(config, method, 1, image_shape)
+    # One compiled init for every hospital of the process (models.init alone would
+    # compile the model's init again for each).
+    self.init = jax.jit(self.algo.init)
     self.client = jax.jit(self.algo.client)
     self.evaluate = jax.jit(self.algo.evaluate)
 
@@ -230,7 +233,8 @@ class Hospital:
     self.folder = os.path.join(state_dir, run_id(config, method, seed))
     os.makedirs(self.folder, exist_ok=True)
     programs = programs or ClientPrograms(config, method, fed.image_shape)
-    self.algo, self._client, self._evaluate = programs.algo, programs.client, programs.evaluate
+    self.algo, self._init = programs.algo, programs.init
+    self._client, self._evaluate = programs.client, programs.evaluate
     self.contract = self.algo.contract
     self.data = build.device_data(pad_examples(fed, slots or {}))
     self.k_init, self.k_run = methods.run_keys(seed)
@@ -263,7 +267,7 @@ class Hospital:
     """(state [1, ...], last round completed; -1 = fresh)."""
     state, rnd, _ = self._read('committed')
     if state is None:
-      return self.algo.init(self.k_init), -1
+      return self._init(self.k_init), -1
     return state, rnd
 
   # -- the two things a client is asked for
