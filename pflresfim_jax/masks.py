@@ -125,6 +125,6 @@ def module_fractions(mask: PyTree) -> dict:
   return {n: (t / s).astype(jnp.float32) for n, (t, s) in counts.items()}
 
 
-def stack(mask: PyTree, num_clients: int) -> PyTree:
-  """Broadcast an unstacked mask to ``[K, ...]``."""
-  return jax.tree.map(lambda m: jnp.broadcast_to(m, (num_clients, *m.shape)), mask)
+def stack(tree: PyTree, num_clients: int) -> PyTree:
+  """Broadcast an unstacked pytree (a mask, a client's state) to ``[K, ...]``."""
+  return jax.tree.map(lambda m: jnp.broadcast_to(m, (num_clients, *m.shape)), tree)

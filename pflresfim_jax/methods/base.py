@@ -113,7 +113,7 @@ class Method:
 
   # ------------------------------------------------------------- the protocol
   def init(self, key: Array) -> State:
-    return stack(self.init_client(key), self.num_clients)
+    return masks.stack(self.init_client(key), self.num_clients)
 
   def init_client(self, key: Array) -> State:
     """One client's state (no client axis); every client starts from the same one."""
@@ -262,11 +262,6 @@ def client_keys(round_key: Array, k_clients: int) -> Tuple[Array, Array]:
   """
   k_train, k_server = jax.random.split(round_key)
   return jax.random.split(k_train, k_clients), jax.random.split(k_server, k_clients)
-
-
-def stack(tree: PyTree, k: int) -> PyTree:
-  """``tree`` repeated along a new leading client axis of size ``k``."""
-  return jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *x.shape)), tree)
 
 
 def where_tree(pred, a: PyTree, b: PyTree) -> PyTree:

@@ -21,9 +21,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pflresfim_jax import resfim
+from pflresfim_jax import masks, resfim
 from pflresfim_jax.clients import engine
-from pflresfim_jax.methods.base import Method, stack, where_tree
+from pflresfim_jax.methods.base import Method, where_tree
 
 
 class PFLResFIM(Method):
@@ -55,7 +55,7 @@ class PFLResFIM(Method):
     # The (small) bank goes to every client as an argument, not a closure: inside a
     # shard_map over devices a closed-over sharded array cannot be indexed.
     return self.over_clients(one, state['params'], state['batch_stats'], data, keys, client_ids,
-                             stack(bank, self.num_clients))
+                             masks.stack(bank, self.num_clients))
 
   def client_stats(self, state, start, data, bank, keys, rnd, client_ids):
     rc, mask = self.config.resfim, state['local_mask']
