@@ -92,6 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 10        # rounds between checkpoints (the last round always gets one)
   c.checkpoint.keep = 3          # checkpoints kept per method and seed
+  c.checkpoint.stop_grace = 20.0 # s a Ctrl-C/SIGTERM waits for the round in flight before
+                                 # saving the last completed round and stopping (stopping.py)
 
   c.report = ml_collections.ConfigDict()
   c.report.enabled = True        # report.md / report.html in the workdir at the end
@@ -175,7 +177,8 @@ RULES = {
     'engine.unroll': _one_of('auto', True, False, 'true', 'false'),
     'engine.precision': _one_of('fp32', 'bf16'), 'engine.devices': _devices,
     'cluster.num_processes': _INT0, 'cluster.process_id': _number(-1, integer=True),
-    'checkpoint.every': _INT1, 'checkpoint.keep': _INT1, 'report.examples': _INT0,
+    'checkpoint.every': _INT1, 'checkpoint.keep': _INT1, 'checkpoint.stop_grace': _number(0.0),
+    'report.examples': _INT0,
     'tensorboard': _one_of('auto', True, False, 'true', 'false'),
     'eval.batch_size': _INT1, 'eval.threshold': _number(0.0, 1.0, open_lo=True, open_hi=True),
     'data.split_seed': _INT0, 'phantom.seed': _INT0, 'report.enabled': _FLAG, 'resume': _FLAG,

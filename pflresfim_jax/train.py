@@ -8,14 +8,14 @@ and written as Markdown and CSV.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import glob
 import importlib
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 from typing import Dict, List, Sequence, Tuple
 
@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from pflresfim_jax import build, checkpoint, distributed, methods
+from pflresfim_jax.stopping import Interrupted, StopFlag  # noqa: F401 (train.Interrupted is the API)
 from pflresfim_jax.clients import engine, sharding
 from pflresfim_jax.data import federation
 
@@ -58,41 +59,8 @@ class Progress:
       print(line, file=self.stream, flush=True)
 
 
-class Interrupted(Exception):
-  """Ctrl-C / SIGTERM arrived: the current round finished and was checkpointed."""
-
-
 class Diverged(FloatingPointError):
   """A loss or a parameter became NaN/Inf; the last good checkpoint is kept."""
-
-
-class StopFlag:
-  """Turns SIGINT / SIGTERM into a request to stop after the current round.
-
-  A second Ctrl-C while waiting interrupts at once (Python's default behaviour).
-  """
-
-  def __init__(self):
-    self.requested = False
-    self._old = {}
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGINT, signal.SIGTERM):
-        self._old[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    if self.requested:
-      raise KeyboardInterrupt
-    self.requested = True
-    log.warning('%s received: stopping after this round and writing a checkpoint '
-                '(press Ctrl-C again to abort at once)', signal.Signals(signum).name)
-
-  def __exit__(self, *exc):
-    for sig, old in self._old.items():
-      signal.signal(sig, old)
-    return False
 
 
 def _event_writer(config, run_dir: str):
@@ -189,6 +157,26 @@ def _log_scalars(writer, m, clients, rnd: int) -> None:
     writer.add_scalar(f'local_fraction/{c}', float(m['local_fraction'][i]), rnd)
 
 
+def _save(ckpt, rnd: int, k_run, bank, mesh, meta, state) -> str:
+  """Write the checkpoint taken after round ``rnd``; returns its folder."""
+  # The run key is saved replicated over the mesh (every process holds it).
+  key = jax.device_put(np.asarray(k_run), sharding.replicated(mesh))
+  ckpt.save(rnd, {'fed': state, 'key': key}, bank, meta)
+  return ckpt.directory
+
+
+def _last_round_saver(save, state, on_disk: bool):
+  """What a stop signal may call while the next round runs (see stopping.py): nothing
+  to write when the round is ``on_disk``, else ``save`` of a host copy of ``state``
+  (the round program donates its input: the device arrays will be gone). None in a
+  multi-process run, where no process holds the whole state."""
+  if on_disk:
+    return lambda: save.args[0].directory
+  if jax.process_count() > 1:
+    return None
+  return functools.partial(save, jax.tree.map(np.array, state))   # a copy, not a view
+
+
 def run_one(config, fed: federation.Federation, method: str, seed: int, workdir: str,
             data=None, bank=None, compiled=None, stop: StopFlag | None = None, mesh=None
             ) -> Dict[str, np.ndarray]:
@@ -234,33 +222,39 @@ def run_one(config, fed: federation.Federation, method: str, seed: int, workdir:
       for rnd in range(start, config.rounds):
         if stop is not None and stop.requested:   # asked during an earlier method or seed
           raise Interrupted(f'{method} seed {seed}: stopped before round {rnd}; run the same '
-                            'command again to resume')
+                            'command again to resume', stop.signum)
         state, metrics = round_fn(state, data, bank, jax.random.fold_in(k_run, rnd), jnp.int32(rnd))
         m = jax.tree.map(lambda v: np.asarray(v)[:k], metrics)  # padded clients dropped
         _check_finite(m, fed.clients, ckpt, f'{method} seed {seed}: round {rnd}')
-        val_dice = last_val = m['val']['dice']
-        if rnd >= half:
-          better = val_dice > best_val
-          best_val = np.where(better, val_dice, best_val)
-          best_round = np.where(better, rnd, best_round)
-          for name, v in m['test'].items():
-            recorded[name] = np.where(better, v, recorded.get(name, v))
-        out.write(json.dumps(_round_record(method, seed, rnd, m)) + '\n')
-        out.flush()
-        if writer is not None:
-          _log_scalars(writer, m, fed.clients, rnd)
-        if ckpt.due(rnd, config.rounds) or (stop is not None and stop.requested):
+        with stop.round_end() if stop is not None else contextlib.nullcontext():
+          val_dice = last_val = m['val']['dice']
+          if rnd >= half:
+            better = val_dice > best_val
+            best_val = np.where(better, val_dice, best_val)
+            best_round = np.where(better, rnd, best_round)
+            recorded = {n: np.where(better, v, recorded.get(n, v)) for n, v in m['test'].items()}
+          out.write(json.dumps(_round_record(method, seed, rnd, m)) + '\n')
+          out.flush()
+          if writer is not None:
+            _log_scalars(writer, m, fed.clients, rnd)
           meta = {'round': rnd, 'method': method, 'seed': seed, 'clients_padded': mesh_clients,
                   'best_val': best_val.tolist(), 'best_round': best_round.tolist(),
                   'recorded': {n: v.tolist() for n, v in recorded.items()}}
-          # The run key is saved replicated over the mesh (every process holds it).
-          key = jax.device_put(np.asarray(k_run), sharding.replicated(mesh))
-          ckpt.save(rnd, {'fed': state, 'key': key}, bank, meta)
+          save = functools.partial(_save, ckpt, rnd, k_run, bank, mesh, meta)
+          due = ckpt.due(rnd, config.rounds) or (stop is not None and stop.requested)
+          if due:
+            save(state)
+          if stop is not None:
+            stop.remember(_last_round_saver(save, state, on_disk=due))
         progress.update(rnd + 1, f'val Dice {100 * val_dice.mean():.1f}')
         if stop is not None and stop.requested and rnd < config.rounds - 1:
+          with stop.round_end():   # the signal came after this round's checkpoint decision
+            save(state)            # (no-op when on disk)
           raise Interrupted(f'{method} seed {seed}: stopped after round {rnd}; checkpoint in '
-                            f'{ckpt.directory}; run the same command again to resume')
+                            f'{ckpt.directory}; run the same command again to resume', stop.signum)
   finally:
+    if stop is not None:
+      stop.forget()         # the checkpointer closes: nothing more to save from here
     ckpt.close()
     if writer is not None:
       writer.close()
@@ -341,6 +335,28 @@ def prepare_workdir(config, workdir: str) -> str:
   return workdir
 
 
+def _train_methods(config, fed, workdir: str, data, bank, mesh, stop: StopFlag):
+  """Every method and seed of ``config`` (run_one each); results.md/csv are rewritten
+  after every method, so partial results survive. Returns (results, tables)."""
+  seeds = build.parse_seeds(config.seeds)
+  rows: Dict[str, List[np.ndarray]] = {}
+  results: Dict[str, Dict] = {}
+  for method in build.parse_methods(config.method):
+    compiled = build.compile_method(config, fed, method, mesh)
+    state_bytes = checkpoint.tree_bytes(jax.eval_shape(compiled[0], jax.random.PRNGKey(0)))
+    if distributed.is_main():
+      checkpoint.check_writable(workdir, len(seeds) * (config.checkpoint.keep + 1) * state_bytes)
+    per_seed = [run_one(config, fed, method, seed,
+                        os.path.join(workdir, build.method_folder(method), f'seed{seed}'),
+                        data, bank, compiled, stop, mesh) for seed in seeds]
+    rows[method] = [r['test_dice'] for r in per_seed]
+    results[method] = {'per_seed': per_seed}
+    tables = results_table(fed.clients, rows)
+    for ext in ('md', 'csv'):
+      _write_atomic(os.path.join(workdir, f'results.{ext}'), tables[ext])
+  return results, tables
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Dict]:
   """Run every requested method and seed; write results.md / results.csv in ``workdir``.
 
@@ -366,22 +382,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
               jax.default_backend(), engine.resolve_client_axis(config.engine.client_axis),
               mesh.size, fed.num_clients, sharding.padded_clients(fed.num_clients, mesh))
   data, bank = build.device_data(fed, mesh), build.spectral_bank(fed, config, mesh)
-  seeds = build.parse_seeds(config.seeds)
-  rows: Dict[str, List[np.ndarray]] = {}
-  results: Dict[str, Dict] = {}
-  with StopFlag() as stop:
-    for method in build.parse_methods(config.method):
-      compiled = build.compile_method(config, fed, method, mesh)
-      state_bytes = checkpoint.tree_bytes(jax.eval_shape(compiled[0], jax.random.PRNGKey(0)))
-      if distributed.is_main():
-        checkpoint.check_writable(workdir, len(seeds) * (config.checkpoint.keep + 1) * state_bytes)
-      per_seed = [run_one(config, fed, method, seed, os.path.join(workdir, build.method_folder(method), f'seed{seed}'),
-                          data, bank, compiled, stop, mesh) for seed in seeds]
-      rows[method] = [r['test_dice'] for r in per_seed]
-      results[method] = {'per_seed': per_seed}
-      tables = results_table(fed.clients, rows)  # rewritten after every method: partial results survive
-      for ext in ('md', 'csv'):
-        _write_atomic(os.path.join(workdir, f'results.{ext}'), tables[ext])
+  with StopFlag(config.checkpoint.stop_grace) as stop:
+    results, tables = stop.run(_train_methods, config, fed, workdir, data, bank, mesh, stop)
   if not distributed.is_main():
     return {'workdir': workdir, 'clients': list(fed.clients), 'methods': results, 'tables': tables}
   print(f'\nTest Dice (%) per client, recorded at the best val Dice of rounds '

@@ -87,48 +87,66 @@ def _lines(path):
   return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def _start_and_signal(cmd, sig, when, log_path, timeout=600):
-  """Start ``cmd``; send ``sig`` once ``when()`` holds; return (returncode, stderr)."""
+def _start_and_signal(cmd, sig, when, log_path, timeout=600, delay=0.0):
+  """Start ``cmd``; send ``sig`` ``delay`` s after ``when()`` holds; return
+  (returncode, output, seconds from the signal to the exit)."""
   import time
   with open(log_path, 'w') as log:   # a file, not a pipe: a full pipe would stall the run
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + timeout
     while not when() and proc.poll() is None and time.time() < deadline:
       time.sleep(0.02)
+    time.sleep(delay)
     ended_early = proc.poll() is not None
     if not ended_early:
       proc.send_signal(sig)
+    sent = time.time()
     proc.wait(timeout=timeout)
   out = open(log_path).read()
   assert not ended_early, 'the run ended before it could be interrupted: ' + out[-2000:]
-  return proc.returncode, out
+  return proc.returncode, out, time.time() - sent
+
+
+def _steps(run):
+  return sorted(int(d) for d in os.listdir(run / 'checkpoints') if d.isdigit())
 
 
 def test_interrupt_kill_resume_equals_straight_run(tmp_path):
-  """Ctrl-C writes a checkpoint and exits 130; SIGKILL loses nothing a checkpoint held;
-  resuming twice gives byte-identical results and per-round metrics to a straight run;
-  the report is rebuilt from the files alone."""
+  """SIGTERM in the middle of a round stops at once and saves the last completed round
+  (nothing else would: checkpoint.every=100); Ctrl-C lets the round in flight finish and
+  saves it; SIGKILL loses nothing a checkpoint held; resuming each time gives
+  byte-identical results and per-round metrics to a straight run; the report is
+  rebuilt from the files alone."""
   import signal
+  # Rounds of ~1-2 s (10 local epochs, compact loops) so a signal can land inside one.
+  run_args = ('--config.rounds=6', '--config.local_epochs=10', '--config.engine.unroll=false')
   straight, broken = tmp_path / 'straight', tmp_path / 'broken'
-  proc = subprocess.run(_main(straight), capture_output=True, text=True, timeout=900)
+  proc = subprocess.run(_main(straight, *run_args), capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   run = broken / 'pfl_resfim' / 'seed0'
   metrics = run / 'metrics.jsonl'
 
-  rc, err = _start_and_signal(_main(broken), signal.SIGINT, lambda: _lines(metrics) >= 1,
-                              tmp_path / 'int.log')
+  rc, err, took = _start_and_signal(
+      _main(broken, *run_args, '--config.checkpoint.every=100', '--config.checkpoint.stop_grace=0'),
+      signal.SIGTERM, lambda: _lines(metrics) >= 1, tmp_path / 'term.log', delay=0.3)
+  assert rc == 128 + signal.SIGTERM, err[-3000:]
+  assert 'the round in flight was abandoned' in err and 'run the same command again' in err
+  assert took < 30, took
+  assert _steps(run) == [_lines(metrics) - 1] and _lines(metrics) <= 2   # the last completed round
+
+  done = _lines(metrics)
+  rc, err, _ = _start_and_signal(_main(broken, *run_args, '--config.checkpoint.every=100'),
+                                 signal.SIGINT, lambda: _lines(metrics) > done, tmp_path / 'int.log')
   assert rc == 130, err[-3000:]
-  assert 'interrupted' in err and 'run the same command again to resume' in err
+  assert 'resuming after round' in err and 'stopped after round' in err
   assert not (run / 'result.json').exists()
-  steps = sorted(int(d) for d in os.listdir(run / 'checkpoints') if d.isdigit())
-  assert steps and steps[-1] == _lines(metrics) - 1 < 3  # the round it stopped after
+  assert _steps(run)[-1] == _lines(metrics) - 1 <= 3   # the round it stopped after
 
-  rc, err = _start_and_signal(_main(broken), signal.SIGKILL,
-                              lambda: _lines(metrics) >= steps[-1] + 2, tmp_path / 'kill.log')
+  rc, err, _ = _start_and_signal(_main(broken, *run_args), signal.SIGKILL,
+                                 lambda: _lines(metrics) >= _steps(run)[-1] + 2, tmp_path / 'kill.log')
   assert rc == -signal.SIGKILL and not (run / 'result.json').exists()
-  assert 'resuming after round' in err
 
-  proc = subprocess.run(_main(broken), capture_output=True, text=True, timeout=900)
+  proc = subprocess.run(_main(broken, *run_args), capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert (broken / 'results.csv').read_bytes() == (straight / 'results.csv').read_bytes()
   assert metrics.read_bytes() == (straight / 'pfl_resfim' / 'seed0' / 'metrics.jsonl').read_bytes()
