@@ -28,6 +28,9 @@ values from the aggregation of the client's previous upload (if any) and asks fo
 round r. The client applies the values (completing that round), evaluates, then
 trains round r from there and uploads. A last message completes the final round.
 A client that misses a round keeps its own state and is simply not averaged in.
+The spectral bank crosses the wire once per client: later messages carry its digest,
+and the client keeps the bank in its state folder (sent again only to a client whose
+last reply did not confirm it).
 """
 from __future__ import annotations
 
@@ -304,6 +307,19 @@ class Hospital:
     os.remove(self._path('pending'))
     return metrics
 
+  def style_bank(self, digest: str, sent: Flat) -> Flat:
+    """The run's spectral bank: ``sent`` (the server sends it once) is kept in this
+    client's folder under its digest; later messages name the digest only."""
+    path = self._path('bank')
+    if sent:
+      _save_npz(path, {**sent, 'digest': np.asarray(digest)})
+      return sent
+    kept = _load_npz(path)
+    if kept is None or str(kept.pop('digest')) != digest:
+      raise ValueError(f'the style bank {digest} the server refers to is not in {path} '
+                       '(the server sends it again with its next message)')
+    return kept
+
   def train(self, rnd: int, bank: Dict[str, np.ndarray]) -> Flat:
     """Train round ``rnd`` from the committed state; return the upload.
 
@@ -479,7 +495,9 @@ def handle(kind: str, meta: Dict[str, Any], arrays: Flat, index: int, state_dir:
   if kind != TRAIN:
     raise ValueError(f'unknown message kind {kind!r}')
   out['round'] = int(meta['round'])
-  return out, hospital.train(int(meta['round']), under('bank', arrays))
+  out['bank'] = meta['bank']    # the digest: this client holds the bank from now on
+  bank = hospital.style_bank(meta['bank'], under('bank', arrays))
+  return out, hospital.train(int(meta['round']), bank)
 
 
 def serve(config, method: str, seed: int, num_clients: int, send, min_clients: int = 1,
@@ -525,6 +543,9 @@ def serve(config, method: str, seed: int, num_clients: int, send, min_clients: i
   server = Server(config, method, num_clients, shapes.pop())
   bank = server.bank({k: a for k, (_, a) in replies.items()})
   bank_arrays = prefixed('bank', bank)
+  base['bank'] = hashlib.sha256(b''.join(np.ascontiguousarray(bank[n]).tobytes()
+                                         for n in sorted(bank))).hexdigest()[:16]
+  holds_bank = set()     # clients whose last training reply confirmed the bank
   log(f'style exchange: {len(replies)} clients, bank of {len(bank["owner"])} windows')
   outbox: Dict[int, Tuple[int, Flat]] = {}
   rounds, final = [], {}
@@ -547,10 +568,11 @@ def serve(config, method: str, seed: int, num_clients: int, send, min_clients: i
   for rnd in range(config.rounds):
     msgs = {}
     for k in range(num_clients):
-      meta, arrays = with_outbox(k, {**base, 'round': rnd}, bank_arrays)
+      meta, arrays = with_outbox(k, {**base, 'round': rnd}, {} if k in holds_bank else bank_arrays)
       msgs[k] = (TRAIN, meta, arrays)
     count('train_down', msgs)
     replies = send(msgs)
+    holds_bank = {k for k, (m, _) in replies.items() if m.get('bank') == base['bank']}
     count('train_up', replies)
     collect(replies, metrics_by_round)
     need(replies, f'round {rnd}')

@@ -1,17 +1,12 @@
-"""Cross-institution deployment with Flower: ``client_app`` and ``server_app``.
+"""Cross-institution deployment with Flower: the server side, ``server_app``.
 
 Needs the optional extra: ``pip install -e '.[flower]'``. The apps carry the
 messages of pflresfim_jax/deploy.py (the simulator's own pure functions split into a
-hospital half and a server half) in Flower messages: a ConfigRecord 'meta' (JSON)
-and an ArrayRecord 'arrays' keyed by pytree path. experiments/flower_app/ is the
-Flower App (its pyproject.toml names these two objects and the run config).
-
-Node config of a hospital's SuperNode (``--node-config``):
-  client-index  its position in the federation, 0..K-1 (keys, style-bank owner id);
-  data-root     its own data folder (config.data.name's layout, one client); without
-                it the node plays phantom site ``client-index``;
-  state-dir     where its state lives between rounds (default ~/.pflresfim/client<i>):
-                parameters, optimizer state, personal leaves and masks never leave it.
+hospital half and a server half) in Flower messages. The hospital side,
+``client_app``, is pflresfim_jax/flower_client.py (light: it imports no JAX and hands
+each message to the hospital's long-lived worker, pflresfim_jax/flower_worker.py).
+experiments/flower_app/ is the Flower App (its pyproject.toml names the two apps and
+the run config).
 
 Run config of the server (``flwr run ... --run-config``): config-file (a configs/*.py
 path), overrides ('rounds=3;phantom.image_size=32'), method, seed, num-clients,
@@ -24,39 +19,19 @@ import importlib.util
 import json
 import os
 import time
-from typing import Any, Dict, Tuple
+from typing import Dict
 
-import numpy as np
+from flwr.app import Context, Message
+from flwr.serverapp import Grid, ServerApp
 
-try:
-  from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
-  from flwr.clientapp import ClientApp
-  from flwr.serverapp import Grid, ServerApp
-except ImportError as e:  # pragma: no cover - depends on the environment
-  raise ImportError("pflresfim_jax.flower needs Flower: pip install -e '.[flower]'") from e
+from pflresfim_jax import build, deploy, methods, sweep
+# The wire format and the hospital's app (re-exported: flower.client_app, flower.to_content).
+from pflresfim_jax.flower_client import HELLO, client_app, from_content, to_content
 
-from pflresfim_jax import build, compile_cache, deploy, methods, sweep
+__all__ = ['GridTransport', 'client_app', 'from_content', 'load_config', 'server_app', 'to_content']
 
-HELLO = 'hello'
 KIND_TO_TYPE = {HELLO: 'query', deploy.QUERY: 'query', deploy.TRAIN: 'train',
                 deploy.EVALUATE: 'evaluate'}
-
-
-def to_content(kind: str, meta: Dict[str, Any], arrays: deploy.Flat) -> RecordDict:
-  """(kind, meta, arrays) as a Flower RecordDict (0-d arrays travel as shape (1,))."""
-  scalars = sorted(k for k, v in arrays.items() if np.ndim(v) == 0)
-  return RecordDict({'meta': ConfigRecord({'json': json.dumps({**meta, 'kind': kind,
-                                                                '_scalars': scalars})}),
-                     'arrays': ArrayRecord({k: Array(np.ascontiguousarray(np.atleast_1d(v)))
-                                            for k, v in arrays.items()})})
-
-
-def from_content(content: RecordDict) -> Tuple[str, Dict[str, Any], deploy.Flat]:
-  meta = json.loads(content['meta']['json'])
-  scalars = set(meta.pop('_scalars', ()))
-  arrays = {k: a.numpy().reshape(()) if k in scalars else a.numpy()
-            for k, a in content['arrays'].items()}
-  return meta.pop('kind', ''), meta, arrays
 
 
 def load_config(path: str, overrides: str = ''):
@@ -67,52 +42,6 @@ def load_config(path: str, overrides: str = ''):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return build.resolve(sweep.override(module.get_config(), overrides, 'run config overrides'))
-
-
-# ------------------------------------------------------------------ hospital side
-client_app = ClientApp()
-
-
-def _node(context: Context) -> Dict[str, Any]:
-  nc = context.node_config
-  if 'client-index' not in nc:
-    raise ValueError("SuperNode --node-config needs client-index=<0..K-1>")
-  index = int(nc['client-index'])
-  state_dir = str(nc.get('state-dir') or os.path.expanduser(f'~/.pflresfim/client{index}'))
-  root = str(nc.get('data-root') or '') or None
-  return {'index': index, 'state_dir': state_dir, 'data_root': root,
-          'client_name': str(nc.get('client-name') or '') or None}
-
-
-def _use_compile_cache(state_dir: str) -> None:
-  """Flower starts a fresh process per message: reuse compiled programs from disk."""
-  compile_cache.enable(os.path.join(state_dir, 'jax-cache'), min_compile_secs=0.0)
-
-
-def _answer(msg: Message, context: Context) -> Message:
-  node = _node(context)
-  kind, meta, arrays = from_content(msg.content)
-  if kind == HELLO:
-    return Message(to_content(HELLO, {'index': node['index']}, {}), reply_to=msg)
-  _use_compile_cache(node['state_dir'])
-  out_meta, out_arrays = deploy.handle(kind, meta, arrays, node['index'], node['state_dir'],
-                                       node['data_root'], node['client_name'])
-  return Message(to_content(kind, out_meta, out_arrays), reply_to=msg)
-
-
-@client_app.query()
-def _query(msg: Message, context: Context) -> Message:
-  return _answer(msg, context)
-
-
-@client_app.train()
-def _train(msg: Message, context: Context) -> Message:
-  return _answer(msg, context)
-
-
-@client_app.evaluate()
-def _evaluate(msg: Message, context: Context) -> Message:
-  return _answer(msg, context)
 
 
 # ------------------------------------------------------------------ server side

@@ -48,11 +48,14 @@ def _simulate(cfg, method, rounds):
   return fed, state, metrics
 
 
-def _loopback(tmp_path, cache, drop=lambda rnd, k: False):
-  """A transport that calls each client directly; ``drop(round, k)`` loses a client."""
+def _loopback(tmp_path, cache, drop=lambda rnd, k: False, banks=None):
+  """A transport that calls each client directly; ``drop(round, k)`` loses a client;
+  ``banks`` (a list) collects (round, client) of each training message carrying the bank."""
   def send(msgs):
     out = {}
     for k, (kind, meta, arrays) in msgs.items():
+      if banks is not None and any(n.startswith('bank/') for n in arrays):
+        banks.append((meta['round'], k))
       if kind == deploy.TRAIN and drop(meta['round'], k):
         continue
       out[k] = deploy.handle(kind, meta, arrays, k, str(tmp_path / f'client{k}'), cache=cache)
@@ -126,10 +129,14 @@ def test_a_lost_client_rejoins_and_min_clients_is_enforced(tmp_path):
   # comes back in round 2 from its own saved state (round 0 completed late).
   method = 'pfl_resfim'
   cfg = tiny_config(method=method, rounds=3, **DEPLOY)
-  cache = {}
+  cache, banks = {}, []
   lost = lambda rnd, k: rnd == 1 and k == 1
-  result = deploy.serve(cfg, method, 0, 3, _loopback(tmp_path / 'drop', cache, lost), min_clients=2)
+  result = deploy.serve(cfg, method, 0, 3, _loopback(tmp_path / 'drop', cache, lost, banks),
+                        min_clients=2)
   assert [r['clients'] for r in result['rounds']] == [[0, 1, 2], [0, 2], [0, 1, 2]]
+  # The style bank crosses the wire once per client, and again to the one that did not
+  # confirm it (lost in round 1, so sent again in round 2).
+  assert sorted(banks) == [(0, 0), (0, 1), (0, 2), (2, 1)]
   assert result['rounds'][1]['train_loss'][1] is None
   assert result['rounds'][1]['val_dice'][1] is None
   assert result['rounds'][0]['val_dice'][1] is not None and result['rounds'][2]['val_dice'][1] is not None
@@ -144,7 +151,7 @@ def test_deploy_and_flower_name_no_method():
   """What crosses the wire comes from each method's Contract, never from its name."""
   import pflresfim_jax
   folder = os.path.dirname(pflresfim_jax.__file__)
-  for module in ('deploy.py', 'flower.py'):
+  for module in ('deploy.py', 'flower.py', 'flower_client.py', 'flower_worker.py'):
     tree = ast.parse(open(os.path.join(folder, module)).read())
     strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
                and isinstance(n.value, str)}

@@ -14,9 +14,11 @@ pytest.importorskip('flwr')
 from pflresfim_jax import flower  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# lr 1e-6 and 'map' with compact loops: as in test_deploy, so the hospitals' parameters
+# can be compared with the simulator's (Adam turns float noise into lr-sized steps).
 TINY = ('rounds=2;phantom.num_sites=2;phantom.image_size=16;model.base=2;local_epochs=1;'
         'batch_size=4;fisher.num_examples=4;fisher.chunk_size=2;spectral.ratio=0.1;'
-        'eval.batch_size=4;engine.client_axis=map;engine.unroll=false')
+        'eval.batch_size=4;engine.client_axis=map;engine.unroll=false;lr=1e-6')
 
 
 def _free_port():
@@ -55,6 +57,37 @@ def test_load_config_applies_overrides_and_names_bad_fields(tmp_path):
     flower.load_config(os.path.join(ROOT, 'configs', 'vessel.py'), 'no_such=1')
 
 
+def _same_as_the_simulator(method, tmp_path, result):
+  """Each hospital's committed state (its own folder) against the simulator's client."""
+  import jax
+  import numpy as np
+  from pflresfim_jax import build, deploy, methods
+  cfg = flower.load_config(os.path.join(ROOT, 'configs', 'vessel.py'), TINY)
+  fed = build.load_federation(cfg)
+  init_fn, round_fn = build.compile_method(cfg, fed, method)
+  data, bank = build.device_data(fed), build.spectral_bank(fed, cfg)
+  k_init, k_run = methods.run_keys(0)
+  state = init_fn(k_init)
+  for r in range(cfg.rounds):
+    state, metrics = round_fn(state, data, bank, jax.random.fold_in(k_run, r), jax.numpy.int32(r))
+  for k in range(2):
+    (folder,) = [d for d in (tmp_path / f'client{k}').iterdir() if d.name.startswith(method)]
+    assert (folder / 'committed.npz').exists() and not (folder / 'pending.npz').exists()
+    saved = deploy.under('state', dict(np.load(folder / 'committed.npz')))
+    want = deploy.flatten(jax.tree.map(lambda x: np.asarray(x)[k:k + 1], state))
+    # As in test_deploy: masks rank scores each program computes in its own float order,
+    # so near-ties may flip (99.5% must agree); values to 1e-5 relative, 1e-6 absolute
+    # (2 rounds at lr 1e-6). Measured here: every entry equal.
+    masks = [n for n in want if n.startswith('local_mask/')]
+    agree = np.mean(np.concatenate([(saved[n] == want[n]).ravel() for n in masks]))
+    assert agree >= 0.995, (method, k, agree)
+    for name in (n for n in want if n.split('/')[0] in ('params', 'batch_stats', 'personal')):
+      np.testing.assert_allclose(saved[name], want[name], rtol=1e-5, atol=1e-6,
+                                 err_msg=f'{method} client {k} {name}')
+    np.testing.assert_allclose(result['final'][str(k)]['test']['dice'], metrics['test']['dice'][k],
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_superlink_supernodes_and_flwr_run_on_loopback(tmp_path):
   home = tmp_path / 'flwr-home'
   home.mkdir()
@@ -72,7 +105,6 @@ def test_superlink_supernodes_and_flwr_run_on_loopback(tmp_path):
     procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                   cwd=str(tmp_path), start_new_session=True))
 
-  workdir = tmp_path / 'server'
   try:
     start('superlink', ['flower-superlink', '--insecure', '--disable-runtime-dependency-installation',
                         '--port', str(port)])
@@ -81,27 +113,32 @@ def test_superlink_supernodes_and_flwr_run_on_loopback(tmp_path):
       start(f'supernode{k}', ['flower-supernode', '--insecure', '--superlink', f'127.0.0.1:{port}',
                               '--port', str(_free_port()), '--max-wait-time', '120',
                               '--node-config', f'client-index={k} state-dir="{tmp_path}/client{k}"'])
-    run_config = (f'config-file="{ROOT}/configs/vessel.py" overrides="{TINY}" method="pfl_resfim" '
-                  f'num-clients=2 min-clients=2 round-timeout=600.0 wait-timeout=120.0 '
-                  f'workdir="{workdir}"')
-    run = subprocess.run(['flwr', 'run', os.path.join(ROOT, 'experiments', 'flower_app'), 'loop',
-                          '--stream', '--run-config', run_config],
-                         env=env, capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
-    output = run.stdout + run.stderr
-    result_path = workdir / 'flower-result.json'
-    assert result_path.exists(), output[-4000:] + ''.join(
-        f'\n--- {n}\n' + p.read_text()[-2000:] for n, p in logs)
-    result = json.loads(result_path.read_text())
-    assert result['clients'] == ['PhantomA', 'PhantomB']
-    assert [r['clients'] for r in result['rounds']] == [[0, 1], [0, 1]]
-    assert all(0.0 <= d <= 1.0 for r in result['rounds'] for d in r['test_dice'])
-    assert {k: v['round'] for k, v in result['final'].items()} == {'0': 1, '1': 1}
-    assert result['wire']['train_up'] > 0
-    assert 'wrote' in output
-    # Each hospital's state stayed in its own folder.
+    for method in ('pfl_resfim', 'ditto'):     # a shared-mask method and a two-model one
+      workdir = tmp_path / f'server-{method}'
+      run_config = (f'config-file="{ROOT}/configs/vessel.py" overrides="{TINY}" method="{method}" '
+                    f'num-clients=2 min-clients=2 round-timeout=600.0 wait-timeout=120.0 '
+                    f'workdir="{workdir}"')
+      run = subprocess.run(['flwr', 'run', os.path.join(ROOT, 'experiments', 'flower_app'), 'loop',
+                            '--stream', '--run-config', run_config],
+                           env=env, capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
+      output = run.stdout + run.stderr
+      result_path = workdir / 'flower-result.json'
+      assert result_path.exists(), output[-4000:] + ''.join(
+          f'\n--- {n}\n' + p.read_text()[-2000:] for n, p in logs) + ''.join(
+          f'\n--- worker {k}\n' + (tmp_path / f'client{k}' / 'worker.log').read_text()[-2000:]
+          for k in range(2) if (tmp_path / f'client{k}' / 'worker.log').exists())
+      result = json.loads(result_path.read_text())
+      assert result['clients'] == ['PhantomA', 'PhantomB']
+      assert [r['clients'] for r in result['rounds']] == [[0, 1], [0, 1]]
+      assert all(0.0 <= d <= 1.0 for r in result['rounds'] for d in r['test_dice'])
+      assert {k: v['round'] for k, v in result['final'].items()} == {'0': 1, '1': 1}
+      assert result['wire']['train_up'] > 0
+      assert 'wrote' in output
+      _same_as_the_simulator(method, tmp_path, result)
+    # One long-lived worker per hospital answered every message of both runs.
     for k in range(2):
-      (state,) = [d for d in (tmp_path / f'client{k}').iterdir() if d.name.startswith('pfl_resfim')]
-      assert (state / 'committed.npz').exists() and not (state / 'pending.npz').exists()
+      started = (tmp_path / f'client{k}' / 'worker.log').read_text().count('listening on')
+      assert started == 1, (tmp_path / f'client{k}' / 'worker.log').read_text()[-2000:]
   finally:
     for p in procs:
       if p.poll() is None:
