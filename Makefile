@@ -9,8 +9,8 @@ install:
 # The whole suite, then the float comparisons again with XLA limited to SSE4.2: XLA
 # compiles for the host's instruction set, so tolerances must hold on any CPU.
 test: install
-	$(PYTHON) -m pytest -q -n auto tests
-	XLA_FLAGS=--xla_cpu_max_isa=SSE4_2 $(PYTHON) -m pytest -q -n auto -m reference tests
+	$(PYTHON) -m pytest -q -n auto --dist worksteal tests
+	XLA_FLAGS=--xla_cpu_max_isa=SSE4_2 $(PYTHON) -m pytest -q -n auto --dist worksteal -m reference tests
 
 run: install
 	$(PYTHON) experiments/main.py --config=$(CONFIG)

@@ -11,7 +11,8 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # --xla_cpu_max_isa) keeps the fast compile too.
 if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0').strip()
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='pflresfim-test-xla-'))
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:   # xdist workers inherit the controller's
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='pflresfim-test-xla-')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 sys.path.insert(0, os.path.dirname(__file__))
