@@ -165,13 +165,10 @@ def _save(ckpt, rnd: int, k_run, bank, mesh, meta, state) -> str:
   return ckpt.directory
 
 
-def _last_round_saver(save, state, on_disk: bool):
-  """What a stop signal may call while the next round runs (see stopping.py): nothing
-  to write when the round is ``on_disk``, else ``save`` of a host copy of ``state``
-  (the round program donates its input: the device arrays will be gone). None in a
-  multi-process run, where no process holds the whole state."""
-  if on_disk:
-    return lambda: save.args[0].directory
+def _host_saver(save, state):
+  """What a stop signal may call while the next round runs (see stopping.py): ``save``
+  of a host copy of ``state`` (the round program donates its input: the device arrays
+  will be gone). None in a multi-process run, where no process holds the whole state."""
   if jax.process_count() > 1:
     return None
   return functools.partial(save, jax.tree.map(np.array, state))   # a copy, not a view
@@ -245,7 +242,7 @@ def run_one(config, fed: federation.Federation, method: str, seed: int, workdir:
           if due:
             save(state)
           if stop is not None:
-            stop.remember(_last_round_saver(save, state, on_disk=due))
+            stop.remember((lambda: ckpt.directory) if due else _host_saver(save, state))
         progress.update(rnd + 1, f'val Dice {100 * val_dice.mean():.1f}')
         if stop is not None and stop.requested and rnd < config.rounds - 1:
           with stop.round_end():   # the signal came after this round's checkpoint decision
