@@ -13,7 +13,7 @@ Measures on whatever backend JAX finds:
   arguments, outputs, peak; any backend);
 * peak device memory (where the backend reports it).
 Writes JSON and a Markdown table with the device, versions and settings. ``--quick``
-uses a tiny model and images (a CI smoke test; its numbers mean little).
+uses a tiny model (3 levels) and images (a CI smoke test; its numbers mean little).
 """
 import json
 import os
@@ -36,6 +36,7 @@ flags.DEFINE_integer('clients', 6, 'K')
 flags.DEFINE_integer('batch', 8, 'B per client')
 flags.DEFINE_integer('size', 256, 'S')
 flags.DEFINE_integer('base', 16, 'UNet base width')
+flags.DEFINE_integer('levels', 5, 'UNet resolution levels (5: the reference)')
 flags.DEFINE_integer('repeats', 5, 'timed repetitions')
 flags.DEFINE_string('out', 'benchmark', 'output path stem (.json and .md)')
 flags.DEFINE_string('method', 'pfl_resfim', 'method of the full-round rows')
@@ -59,7 +60,8 @@ def timed(fn, *args, repeats):
 
 
 def train_step_rate(k, b, s, base, strategy, precision, repeats):
-  model = models.UNet2D(base=base, dtype=jnp.bfloat16 if precision == 'bf16' else jnp.float32)
+  model = models.UNet2D(base=base, dtype=jnp.bfloat16 if precision == 'bf16' else jnp.float32,
+                        levels=FLAGS.levels)
   params, stats = models.init(model, jax.random.PRNGKey(0), (s, s, 3))
   tx = engine.optimizer(5e-4)
   step = engine.train_step(engine.seg_loss(model), tx)
@@ -73,7 +75,7 @@ def train_step_rate(k, b, s, base, strategy, precision, repeats):
 
 
 def fisher_rates(n, s, base, chunks, repeats):
-  model = models.UNet2D(base=base)
+  model = models.UNet2D(base=base, levels=FLAGS.levels)
   params, stats = models.init(model, jax.random.PRNGKey(0), (s, s, 3))
   apply_fn = models.inference_fn(model)
   loss = lambda p, ex: losses.bce(apply_fn(p, stats, ex['image'][None])[0], ex['label'])
@@ -106,7 +108,7 @@ def full_round(k, s, base, images, method, precision, devices, repeats, rounds, 
   XLA's compiled memory analysis per device ({'temp': bytes, ...}, any backend)."""
   cfg = config_lib.base_config()
   cfg.model.base, cfg.engine.precision, cfg.rounds, cfg.method = base, precision, rounds, method
-  cfg.engine.client_axis = strategy
+  cfg.engine.client_axis, cfg.model.levels = strategy, FLAGS.levels
   cfg.phantom.image_size, cfg.phantom.num_sites = s, k
   cfg = build.resolve(sweep.override(cfg, ';'.join(FLAGS.set), '--set'))
   fed = phantom.load(seed=0, image_size=s, num_sites=k, images_per_site=[images] * k)
@@ -133,10 +135,12 @@ def main(argv):
   del argv
   k, b, s, base, reps = FLAGS.clients, FLAGS.batch, FLAGS.size, FLAGS.base, FLAGS.repeats
   if FLAGS.quick:
-    k, b, s, base, reps = 2, 2, 32, 4, 2
+    k, b, s, base, reps = 2, 2, 16, 4, 2
+    FLAGS.levels = 3
   dev = jax.devices()[0]
   info = {'device': f'{dev.platform}: {getattr(dev, "device_kind", "")}', 'jax': jax.__version__,
-          'python': platform.python_version(), 'clients': k, 'batch': b, 'size': s, 'base': base}
+          'python': platform.python_version(), 'clients': k, 'batch': b, 'size': s, 'base': base,
+          'levels': FLAGS.levels}
   rows = []
   parts = set(FLAGS.parts.split(','))
   for strategy in ('vmap', 'map') if 'step' in parts else ():
@@ -169,7 +173,7 @@ def main(argv):
   with open(FLAGS.out + '.json', 'w') as f:
     json.dump(result, f, indent=2)
   peak = info['peak_memory_bytes']
-  md = [f'Device: {info["device"]}; JAX {info["jax"]}; K={k}, B={b}, S={s}, UNet base {base}; '
+  md = [f'Device: {info["device"]}; JAX {info["jax"]}; K={k}, B={b}, S={s}, UNet base {base}, {FLAGS.levels} levels; '
         f'peak device memory: {"n/a on this backend" if peak is None else f"{peak / 2**30:.2f} GiB"}', '',
         '| measurement | value |', '|---|---|']
   md += [f'| {r["what"]} | {r["value"]:.{2 if r["unit"] in ("s", "min") else 1}f} {r["unit"]} |'

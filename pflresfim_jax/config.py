@@ -43,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.name = 'unet'
   c.model.base = config_dict.placeholder(int)  # None: paper_base on real data, phantom.model_base on the phantom
   c.model.paper_base = 16
+  c.model.levels = 5    # UNet2D resolution levels; 5 is the reference (fewer: smaller, faster to compile)
 
   c.augment = ml_collections.ConfigDict()
   c.augment.flip = True
@@ -162,7 +163,7 @@ RULES = {
     'phantom.image_size': _image_size, 'phantom.rounds': _INT1, 'phantom.model_base': _INT1,
     'phantom.num_sites': _INT1,   # its upper end (the phantom's site count) is checked by phantom.load
     'model.name': _one_of('unet'), 'model.base': _number(1, integer=True, none=True),
-    'model.paper_base': _INT1,
+    'model.paper_base': _INT1, 'model.levels': _number(2, 5, integer=True),
     'augment.flip': _FLAG, 'augment.rot90': _FLAG,
     'spectral.ratio': _number(0.0, 0.5, open_hi=True), 'spectral.lam_min': _FRACTION,
     'spectral.lam_max': _FRACTION, 'spectral.share': _one_of('per_image', 'client_mean'),

@@ -61,41 +61,48 @@ class UNet2D(nn.Module):
     out_channels: logits per pixel (1 for binary segmentation).
     dtype: compute dtype (``jnp.bfloat16`` for mixed precision; parameters stay
       float32).
+    levels: resolution levels (reference: 5, four poolings); fewer make a smaller
+      network that compiles faster (the tests use 3).
 
   Call: ``apply(variables, x [N, H, W, Cin], train, mask=None, features=False)``
   returns logits ``[N, H, W, out]`` (and the last decoder feature map
   ``[N, H, W, 2n]`` when ``features=True``). ``mask`` (bool ``[N]``) marks the real
   examples of a padded batch: padded ones never enter BatchNorm statistics.
-  H and W must be divisible by 16.
+  H and W must be divisible by ``2 ** (levels - 1)`` (16 for the reference).
   """
   base: int = 16
   out_channels: int = 1
   dtype: Any = jnp.float32
+  levels: int = 5
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False, mask: Optional[Array] = None,
                features: bool = False):
-    n = self.base
-    if x.shape[1] % 16 or x.shape[2] % 16:
-      raise ValueError(f'UNet2D needs H and W divisible by 16, got {x.shape[1:3]}')
+    n, depth = self.base, self.levels
+    if not 2 <= depth <= 5:
+      raise ValueError(f'UNet2D levels must be 2..5 (5 is the reference), got {depth}')
+    if x.shape[1] % 2 ** (depth - 1) or x.shape[2] % 2 ** (depth - 1):
+      raise ValueError(f'UNet2D with {depth} levels needs H and W divisible by '
+                       f'{2 ** (depth - 1)}, got {x.shape[1:3]}')
     bmask = None if mask is None else mask.reshape(-1, 1, 1, 1)
     block = lambda f, name, k=3, relu=True: ConvBN(f, k, relu, self.dtype, name=name)
     x = x.astype(self.dtype)
+    widths = [n * 2 ** i for i in range(depth)]         # reference: n, 2n, 4n, 8n, 16n
     skips = []
-    for level, width in enumerate((n, 2 * n, 4 * n, 8 * n, 16 * n), start=1):
+    for level, width in enumerate(widths, start=1):
       if level > 1:
         x = _maxpool2(x)
       x = block(width, f'enc{level}_0', relu=False)(x, train, bmask)
       x = block(width, f'enc{level}_1')(x, train, bmask)
       x = block(width, f'enc{level}_2')(x, train, bmask)
       skips.append(x)
-    for i, width in enumerate((16 * n, 8 * n, 4 * n, 2 * n)):
+    for i, width in enumerate(reversed(widths[1:])):
       name = f'dec{i + 1}'
       if i > 0:
         x = block(width, f'{name}_in')(x, train, bmask)
       x = _upsample2(x)
       x = block(width // 2, f'{name}_up', k=1)(x, train, bmask)
-      x = jnp.concatenate([skips[3 - i], x], axis=-1)
+      x = jnp.concatenate([skips[depth - 2 - i], x], axis=-1)
       x = block(width, f'{name}_out')(x, train, bmask)
     feat = x
     logits = nn.Conv(self.out_channels, (1, 1), kernel_init=kaiming_fan_out,

@@ -16,7 +16,7 @@ from pflresfim_jax import flower  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # lr 1e-6 and 'map' with compact loops: as in test_deploy, so the hospitals' parameters
 # can be compared with the simulator's (Adam turns float noise into lr-sized steps).
-TINY = ('rounds=2;phantom.num_sites=2;phantom.image_size=16;model.base=2;local_epochs=1;'
+TINY = ('rounds=2;phantom.num_sites=2;phantom.image_size=16;model.base=2;model.levels=3;local_epochs=1;'
         'batch_size=4;fisher.num_examples=4;fisher.chunk_size=2;spectral.ratio=0.1;'
         'eval.batch_size=4;engine.client_axis=map;engine.unroll=false;lr=1e-6')
 

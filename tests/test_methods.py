@@ -243,7 +243,7 @@ def test_example_method_runs_through_main(tmp_path):
   cmd = [sys.executable, os.path.join(ROOT, 'experiments', 'main.py'),
          f'--config={os.path.join(ROOT, "configs", "vessel.py")}', f'--workdir={tmp_path}',
          f'--config.method={spec}', '--config.rounds=2', '--config.local_epochs=1',
-         '--config.model.base=2', '--config.phantom.image_size=16', '--config.phantom.num_sites=2',
+         '--config.model.base=2', '--config.model.levels=3', '--config.phantom.image_size=16', '--config.phantom.num_sites=2',
          '--config.eval.batch_size=4', '--config.report.enabled=false']
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)

@@ -27,6 +27,34 @@ def test_output_shape_and_features():
     model.apply({'params': params, 'batch_stats': stats}, jnp.ones((1, 20, 16, 3)))
 
 
+@pytest.mark.parametrize('levels', [2, 3, 4])
+def test_fewer_levels_are_the_reference_unet_cut_short(levels):
+  """``levels`` L keeps the reference's first L encoder levels and their decoder steps,
+  with the same names and widths, and needs H, W divisible by 2^(L-1)."""
+  shape = lambda m: jax.eval_shape(lambda k: m.init(k, jnp.zeros((1, 16, 16, 3))),
+                                   jax.random.PRNGKey(0))['params']
+  full, cut = shape(models.UNet2D(base=2)), shape(models.UNet2D(base=2, levels=levels))
+  want = {k for k in full if not k.startswith(('enc', 'dec')) or
+          (k.startswith('enc') and int(k[3]) <= levels) or
+          (k.startswith('dec') and int(k[3]) > 5 - levels)}
+  # The kept decoder steps are the reference's last L-1, renumbered from 1; the first
+  # of them starts from the deepest encoder level, so without an '_in' block.
+  renamed = {f'dec{int(k[3]) - (5 - levels)}{k[4:]}' if k.startswith('dec') else k for k in want}
+  assert set(cut) == renamed - {'dec1_in'}
+  for k in cut:
+    ref = k if not k.startswith('dec') else f'dec{int(k[3]) + 5 - levels}{k[4:]}'
+    assert jax.tree.map(lambda a: a.shape, cut[k]) == jax.tree.map(lambda a: a.shape, full[ref]), k
+  model = models.UNet2D(base=2, levels=levels)
+  step = 2 ** (levels - 1)
+  params, stats = models.init(model, jax.random.PRNGKey(0), (3 * step, 5 * step, 3))
+  out = model.apply({'params': params, 'batch_stats': stats}, jnp.ones((1, 3 * step, 5 * step, 3)))
+  assert out.shape == (1, 3 * step, 5 * step, 1)
+  with pytest.raises(ValueError, match=f'divisible by {step}'):
+    model.apply({'params': params, 'batch_stats': stats}, jnp.ones((1, 2 * step + 1, step, 3)))
+  with pytest.raises(ValueError, match='levels must be 2..5'):
+    models.UNet2D(base=2, levels=6).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+
+
 def test_bn_stats_update_only_in_train_mode():
   model = models.UNet2D(base=2)
   params, stats = models.init(model, jax.random.PRNGKey(0), (16, 16, 3))
@@ -74,15 +102,16 @@ def test_path_predicates():
 def test_bf16_compute_keeps_float32_state():
   """Mixed precision: bf16 compute, float32 parameters, statistics, logits and gradients."""
   x = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3))
-  f32, b16 = models.UNet2D(base=2), models.UNet2D(base=2, dtype=jnp.bfloat16)
+  f32, b16 = models.UNet2D(base=2, levels=3), models.UNet2D(base=2, dtype=jnp.bfloat16, levels=3)
   params, stats = models.init(b16, jax.random.PRNGKey(0), (16, 16, 3))
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
-  out, upd = b16.apply({'params': params, 'batch_stats': stats}, x, train=True, mutable=['batch_stats'])
+  variables = {'params': params, 'batch_stats': stats}
+  out, upd = jax.jit(lambda v: b16.apply(v, x, train=True, mutable=['batch_stats']))(variables)
   assert out.dtype == jnp.float32
   assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(upd['batch_stats']))
-  ref = f32.apply({'params': params, 'batch_stats': stats}, x, train=False)
-  low = b16.apply({'params': params, 'batch_stats': stats}, x, train=False)
-  # bfloat16 keeps 8 bits (2^-8 = 0.4%) per operation, compounded over ~20 layers.
+  ref = jax.jit(lambda v: f32.apply(v, x, train=False))(variables)
+  low = jax.jit(lambda v: b16.apply(v, x, train=False))(variables)
+  # bfloat16 keeps 8 bits (2^-8 = 0.4%) per operation, compounded over 15 layers.
   np.testing.assert_allclose(low, ref, atol=0.05 * float(jnp.abs(ref).max()) + 1e-3)
-  grads = jax.grad(lambda p: jnp.mean(b16.apply({'params': p, 'batch_stats': stats}, x)))(params)
+  grads = jax.jit(jax.grad(lambda p: jnp.mean(b16.apply({'params': p, 'batch_stats': stats}, x))))(params)
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))

@@ -47,7 +47,7 @@ def test_main_end_to_end(tmp_path):
   cmd = [sys.executable, os.path.join(ROOT, 'experiments', 'main.py'),
          f'--config={os.path.join(ROOT, "configs", "vessel.py")}',
          '--config.method=local,fedavg', '--config.seeds=0,1', '--config.rounds=2',
-         '--config.local_epochs=1', '--config.model.base=2', '--config.phantom.image_size=16',
+         '--config.local_epochs=1', '--config.model.base=2', '--config.model.levels=3', '--config.phantom.image_size=16',
          '--config.phantom.num_sites=2', '--config.eval.batch_size=4']
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
@@ -73,7 +73,7 @@ def test_main_reports_bad_config(tmp_path):
 
 # ------------------------------------------------------------------ runs that survive
 TINY = ['--config.method=pfl_resfim', '--config.rounds=4', '--config.local_epochs=1',
-        '--config.model.base=2', '--config.phantom.image_size=16', '--config.phantom.num_sites=2',
+        '--config.model.base=2', '--config.model.levels=3', '--config.phantom.image_size=16', '--config.phantom.num_sites=2',
         '--config.eval.batch_size=4', '--config.fisher.num_examples=4', '--config.fisher.chunk_size=2',
         '--config.spectral.ratio=0.1', '--config.checkpoint.every=1', '--config.checkpoint.keep=2']
 
