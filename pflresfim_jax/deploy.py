@@ -38,6 +38,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
@@ -514,7 +515,8 @@ def serve(config, method: str, seed: int, num_clients: int, send, min_clients: i
     log: optional callable(str) for progress lines.
 
   Returns:
-    {'clients': names, 'rounds': [per-round records], 'final': {index: metrics of the
+    {'clients': names, 'rounds': [per-round records, with the round's wall 'seconds'
+    as the server saw it], 'final': {index: metrics of the
     last round the client completed}, 'wire': bytes per message kind}.
   """
   log = log or (lambda text: None)
@@ -566,6 +568,7 @@ def serve(config, method: str, seed: int, num_clients: int, send, min_clients: i
 
   metrics_by_round: Dict[int, Dict[int, Any]] = {}
   for rnd in range(config.rounds):
+    start = time.monotonic()
     msgs = {}
     for k in range(num_clients):
       meta, arrays = with_outbox(k, {**base, 'round': rnd}, {} if k in holds_bank else bank_arrays)
@@ -578,7 +581,7 @@ def serve(config, method: str, seed: int, num_clients: int, send, min_clients: i
     need(replies, f'round {rnd}')
     values, record = server.aggregate(rnd, {k: a for k, (_, a) in replies.items()})
     outbox.update({k: (rnd, v) for k, v in values.items()})
-    rounds.append({'round': rnd, **record})
+    rounds.append({'round': rnd, **record, 'seconds': time.monotonic() - start})
     log(f'round {rnd}: {len(replies)} clients')
   last = {k: (EVALUATE, *with_outbox(k, dict(base), {})) for k in outbox}
   collect(send(last) if last else {}, metrics_by_round)

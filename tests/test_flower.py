@@ -1,5 +1,6 @@
 """flower: the real Flower components on loopback (SuperLink, one SuperNode per
-hospital, ``flwr run``), two phantom clients, two rounds."""
+hospital, ``flwr run``) with TLS and SuperNode authentication, two phantom clients, two
+rounds."""
 import json
 import os
 import signal
@@ -88,13 +89,26 @@ def _same_as_the_simulator(method, tmp_path, result):
                                rtol=1e-4, atol=1e-5)
 
 
+def _refused(log_path, proc, seconds=90):
+  """The unregistered SuperNode gives up with Flower's exit code 305 (no connection)."""
+  proc.wait(timeout=seconds)
+  log = log_path.read_text()
+  return proc.returncode != 0 and 'Failed to activate SuperNode' in log, log[-2000:]
+
+
 def test_superlink_supernodes_and_flwr_run_on_loopback(tmp_path):
+  """TLS on every connection and SuperNode authentication: the two hospitals' keys are
+  registered with ``flwr supernode register``; a third SuperNode with a key nobody
+  registered is refused."""
+  from pflresfim_jax import flower_keys
+  certs = flower_keys.server(str(tmp_path / 'certs'), ['127.0.0.1', 'localhost'], days=1)
+  keys = [flower_keys.node(str(tmp_path / 'keys'), f'hospital{k}') for k in range(3)]
   home = tmp_path / 'flwr-home'
   home.mkdir()
   port = _free_port()
   (home / 'config.toml').write_text(
       f'[superlink]\ndefault = "loop"\n\n[superlink.loop]\naddress = "127.0.0.1:{port}"\n'
-      'insecure = true\n')
+      f'root-certificates = "{certs["ca"]}"\n')
   env = {**os.environ, 'FLWR_HOME': str(home), 'FLWR_DISABLE_UPDATE_CHECK': '1',
          'PYTHONUNBUFFERED': '1'}
   procs, logs = [], []
@@ -104,15 +118,29 @@ def test_superlink_supernodes_and_flwr_run_on_loopback(tmp_path):
     logs.append((name, tmp_path / f'{name}.log'))
     procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                   cwd=str(tmp_path), start_new_session=True))
+    return procs[-1]
+
+  def supernode(k, key):
+    return start(f'supernode{k}', [
+        'flower-supernode', '--superlink', f'127.0.0.1:{port}', '--root-certificates', certs['ca'],
+        '--auth-supernode-private-key', key, '--port', str(_free_port()), '--max-wait-time', '120',
+        '--node-config', f'client-index={k % 2} state-dir="{tmp_path}/client{k}"'])
 
   try:
-    start('superlink', ['flower-superlink', '--insecure', '--disable-runtime-dependency-installation',
+    start('superlink', ['flower-superlink', '--ssl-ca-certfile', certs['ca'],
+                        '--ssl-certfile', certs['cert'], '--ssl-keyfile', certs['key'],
+                        '--enable-supernode-auth', '--disable-runtime-dependency-installation',
                         '--port', str(port)])
     _wait_for_port(port)
     for k in range(2):
-      start(f'supernode{k}', ['flower-supernode', '--insecure', '--superlink', f'127.0.0.1:{port}',
-                              '--port', str(_free_port()), '--max-wait-time', '120',
-                              '--node-config', f'client-index={k} state-dir="{tmp_path}/client{k}"'])
+      reg = subprocess.run(['flwr', 'supernode', 'register', keys[k]['public'], 'loop'], env=env,
+                           capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+      assert reg.returncode == 0 and 'registered successfully' in reg.stdout, reg.stdout + reg.stderr
+    intruder = supernode(2, keys[2]['private'])
+    ok, log = _refused(tmp_path / 'supernode2.log', intruder)
+    assert ok, log
+    for k in range(2):
+      supernode(k, keys[k]['private'])
     for method in ('pfl_resfim', 'ditto'):     # a shared-mask method and a two-model one
       workdir = tmp_path / f'server-{method}'
       run_config = (f'config-file="{ROOT}/configs/vessel.py" overrides="{TINY}" method="{method}" '
@@ -132,9 +160,14 @@ def test_superlink_supernodes_and_flwr_run_on_loopback(tmp_path):
       assert [r['clients'] for r in result['rounds']] == [[0, 1], [0, 1]]
       assert all(0.0 <= d <= 1.0 for r in result['rounds'] for d in r['test_dice'])
       assert {k: v['round'] for k, v in result['final'].items()} == {'0': 1, '1': 1}
-      assert result['wire']['train_up'] > 0
+      assert result['wire']['train_up'] > 0 and all(r['seconds'] > 0 for r in result['rounds'])
       assert 'wrote' in output
       _same_as_the_simulator(method, tmp_path, result)
+    # The SuperLink knows the two registered hospitals and nobody else.
+    ls = subprocess.run(['flwr', 'supernode', 'ls', 'loop', '--format', 'json'], env=env,
+                        capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    nodes = json.loads(ls.stdout[ls.stdout.index('{'):])['nodes']
+    assert len(nodes) == 2 and all(n['status'] == 'online' for n in nodes), ls.stdout
     # One long-lived worker per hospital answered every message of both runs.
     for k in range(2):
       started = (tmp_path / f'client{k}' / 'worker.log').read_text().count('listening on')
