@@ -1,8 +1,11 @@
 """Segmentation metrics (METHOD.md 7): per-image Dice, IoU, sensitivity, specificity.
 
 Prediction = ``sigmoid(logit) > 0.5`` at network resolution (``logit > 0``); every
-metric is computed per image with a 1e-6 smoothing, then averaged over the real
-(unpadded) images.
+metric is computed per image, then averaged over the real (unpadded) images. The
+formulas are FL-MedSegBench's (utils.py ``dice_fn``, ``iou_fn``,
+``sensitivity_specificity_fn``): Dice and IoU smooth numerator and denominator by 1e-6
+(an empty label predicted empty scores 1); sensitivity and specificity only the
+denominator (an empty label scores sensitivity 0).
 """
 from __future__ import annotations
 
@@ -28,8 +31,8 @@ def per_image(logits: Array, labels: Array, threshold: float = 0.5) -> Dict[str,
   return {
       'dice': (2 * tp + SMOOTH) / (2 * tp + fp + fn + SMOOTH),
       'iou': (tp + SMOOTH) / (tp + fp + fn + SMOOTH),
-      'sensitivity': (tp + SMOOTH) / (tp + fn + SMOOTH),
-      'specificity': (tn + SMOOTH) / (tn + fp + SMOOTH),
+      'sensitivity': tp / (tp + fn + SMOOTH),
+      'specificity': tn / (tn + fp + SMOOTH),
   }
 
 

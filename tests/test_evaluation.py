@@ -21,8 +21,15 @@ def test_per_image_against_numpy():
     tp, fp, fn, tn = (p & g).sum(), (p & ~g).sum(), (~p & g).sum(), (~p & ~g).sum()
     np.testing.assert_allclose(got['dice'][i], (2 * tp + 1e-6) / (p.sum() + g.sum() + 1e-6), rtol=1e-5)
     np.testing.assert_allclose(got['iou'][i], (tp + 1e-6) / ((p | g).sum() + 1e-6), rtol=1e-5)
-    np.testing.assert_allclose(got['sensitivity'][i], (tp + 1e-6) / (tp + fn + 1e-6), rtol=1e-5)
-    np.testing.assert_allclose(got['specificity'][i], (tn + 1e-6) / (tn + fp + 1e-6), rtol=1e-5)
+    np.testing.assert_allclose(got['sensitivity'][i], tp / (tp + fn + 1e-6), rtol=1e-5)
+    np.testing.assert_allclose(got['specificity'][i], tn / (tn + fp + 1e-6), rtol=1e-5)
+  # FL-MedSegBench's conventions on an empty label: Dice 1 when nothing is predicted,
+  # sensitivity 0 whatever is predicted.
+  empty = np.zeros((2, 8, 8, 1), np.float32)
+  got = evaluation.per_image(jnp.asarray(np.stack([-np.ones((8, 8, 1)), np.ones((8, 8, 1))])), jnp.asarray(empty))
+  assert np.asarray(got['sensitivity']).tolist() == [0.0, 0.0]
+  np.testing.assert_allclose(got['dice'], [1.0, 1e-6 / (64 + 1e-6)], rtol=1e-5)
+  np.testing.assert_allclose(got['specificity'], [64 / (64 + 1e-6), 0.0], rtol=1e-6, atol=0)
 
 
 def test_evaluate_ignores_padding_and_batches():
