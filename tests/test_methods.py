@@ -99,6 +99,10 @@ def test_head_and_body_splits(method, local):
   _, _, after, _, _ = one_round(method)
   kept, shared = by_kind(after['params'], local)
   assert none_equal_across_clients(kept) and all_equal_across_clients(shared)
+  # FedPer averages the BatchNorm statistics as FL-MedSegBench's server does; LG-FedAvg
+  # keeps them with its local body.
+  stats = jax.tree.leaves(after['batch_stats'])
+  assert (all_equal_across_clients(stats) if method == 'fedper' else none_equal_across_clients(stats))
 
 
 def test_fedrep_phases_freeze_the_right_part():

@@ -34,7 +34,13 @@ class FedBN(Method):
 
 
 class FedPer(Method):
-  """FedPer (Arivazhagan et al., 2019): the output layer (head) stays local."""
+  """FedPer (Arivazhagan et al., 2019): the output layer (head) stays local.
+
+  As FL-MedSegBench's server (server_funct.py ``Server_update``, 'fedper': every
+  state-dict key without 'seg1' is averaged), the BatchNorm running statistics are
+  averaged too.
+  """
+  contract = Contract(batch_stats=True)
 
   def static_mask(self, params):
     return masks.head(params)
