@@ -8,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from pflresfim_jax import build, masks, methods, models
@@ -135,10 +136,20 @@ def test_ditto_personal_model_feels_the_pull():
 
 
 def test_fedrod_personal_head_stays_local():
-  _, _, after, _, _ = one_round('fedrod')
+  s0, _, after, _, _ = one_round('fedrod')
+  # FL-MedSegBench: the personal head starts as a copy of the generic head, the whole
+  # model (BatchNorm statistics included) is averaged, the personal head never is.
+  head = s0['params']['head']
+  np.testing.assert_array_equal(s0['personal']['params']['kernel'],
+                                head['kernel'].reshape(head['kernel'].shape[0], -1, 1))
+  np.testing.assert_array_equal(s0['personal']['params']['bias'], head['bias'])
   assert all_equal_across_clients(after['params'])
+  assert all_equal_across_clients(after['batch_stats'])
   assert none_equal_across_clients(after['personal']['params'])
-  assert none_equal_across_clients(after['batch_stats'])
+  # The personal head is trained by plain SGD (no Adam moments), the model by Adam.
+  mu = optax.tree_utils.tree_get(s0['personal']['opt'], 'mu')
+  assert len(jax.tree.leaves(mu['model'])) == len(jax.tree.leaves(s0['params']))
+  assert jax.tree.leaves(mu['phead']) == []
 
 
 @pytest.mark.reference   # against numpy / another program
