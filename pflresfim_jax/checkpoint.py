@@ -135,13 +135,18 @@ def _flatten(d: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
 
 
 def config_diff(saved: Dict[str, Any], now: Dict[str, Any],
-                ignore: Iterable[str] = RESUME_IGNORES) -> List[str]:
+                ignore: Iterable[str] = RESUME_IGNORES,
+                defaults: Optional[Dict[str, Any]] = None) -> List[str]:
   """Fields where two config dicts (as JSON) differ: ``['rounds: 12 -> 20', ...]``.
 
   Fields named in ``ignore`` (or below them) are skipped. Values are compared after
-  a JSON round trip, so tuples and lists are equal.
+  a JSON round trip, so tuples and lists are equal. With ``defaults`` (a config dict),
+  a field the saved config lacks counts as its default there: a field added to the
+  package after the run was written, left at its default, does not block a resume.
   """
   a = _flatten(json.loads(json.dumps(saved)))
+  if defaults is not None:
+    a = {**_flatten(json.loads(json.dumps(defaults))), **a}
   b = _flatten(json.loads(json.dumps(now)))
   ignore = tuple(ignore)
   skipped = lambda k: any(k == i or k.startswith(i + '.') for i in ignore)

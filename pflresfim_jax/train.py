@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from pflresfim_jax import build, checkpoint, distributed, methods
+from pflresfim_jax import build, checkpoint, config as config_lib, distributed, methods
 from pflresfim_jax.stopping import Interrupted, StopFlag  # noqa: F401 (train.Interrupted is the API)
 from pflresfim_jax.clients import engine, sharding
 from pflresfim_jax.data import federation
@@ -322,7 +322,8 @@ def prepare_workdir(config, workdir: str) -> str:
       except (OSError, ValueError) as e:
         raise ValueError(f'{saved_path} is unreadable ({e}); pass --config.resume=false to start '
                          'a fresh run beside it, or another --workdir') from None
-      diff = checkpoint.config_diff(saved, now)
+      defaults = json.loads(config_lib.base_config().to_json_best_effort())
+      diff = checkpoint.config_diff(saved, now, defaults=defaults)
       if diff:
         raise ValueError(f'{workdir} holds a run with another config, so it cannot be resumed:\n  '
                          + '\n  '.join(diff) + '\npass --config.resume=false to start a fresh run '

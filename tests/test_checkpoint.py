@@ -55,6 +55,15 @@ def test_config_diff_names_fields_and_ignores_bookkeeping():
   assert len(checkpoint.config_diff(a, b)) == 2
   del b['fisher']['loss']
   assert any(d.startswith("fisher.loss: 'nll' in the workdir, '<absent>'") for d in checkpoint.config_diff(a, b))
+  # A run written before a field existed (here model.levels): at its default now, the
+  # field does not block a resume; set to anything else, it is named.
+  defaults = json.loads(config_lib.base_config().to_json_best_effort())
+  old, new = json.loads(config_lib.base_config().to_json_best_effort()), json.loads(config_lib.base_config().to_json_best_effort())
+  del old['model']['levels']
+  assert checkpoint.config_diff(old, new, defaults=defaults) == []
+  assert checkpoint.config_diff(old, new) == ["model.levels: '<absent>' in the workdir, 5 now"]
+  new['model']['levels'] = 3
+  assert checkpoint.config_diff(old, new, defaults=defaults) == ["model.levels: 5 in the workdir, 3 now"]
 
 
 def test_fresh_subfolder_never_reuses(tmp_path):
