@@ -70,7 +70,7 @@ def load_federation(config) -> federation.Federation:
   """The phantom when no data folder is given, else the real loaders."""
   if config.data.root is None and not config.data.clients:
     return phantom.load(seed=config.phantom.seed, image_size=config.phantom.image_size,
-                        num_sites=config.phantom.num_sites)
+                        num_sites=config.phantom.num_sites, shift=config.phantom.shift)
   from pflresfim_jax.data import loaders  # PIL / nibabel only when real data is read
   return loaders.load(config)
 

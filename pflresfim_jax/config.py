@@ -38,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.phantom.model_base = 8
   c.phantom.num_sites = 6
   c.phantom.seed = 0
+  c.phantom.shift = 'mixed'  # what separates the sites: 'mixed' (style and labels), 'style' or 'label' only
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'unet'
@@ -161,7 +162,7 @@ RULES = {
     'weight_decay': _number(0.0),
     'data.name': _one_of('vessel', 'prostate', 'gland'), 'data.image_size': _image_size,
     'phantom.image_size': _image_size, 'phantom.rounds': _INT1, 'phantom.model_base': _INT1,
-    'phantom.num_sites': _INT1,   # its upper end (the phantom's site count) is checked by phantom.load
+    'phantom.shift': _one_of('mixed', 'style', 'label'), 'phantom.num_sites': _INT1,   # its upper end (the phantom's site count) is checked by phantom.load
     'model.name': _one_of('unet'), 'model.base': _number(1, integer=True, none=True),
     'model.paper_base': _INT1, 'model.levels': _number(2, 5, integer=True),
     'augment.flip': _FLAG, 'augment.rot90': _FLAG,

@@ -14,7 +14,7 @@ BAD = [
     ('rounds', 0), ('paper_rounds', -1), ('local_epochs', -1), ('batch_size', 0), ('lr', 0.0),
     ('lr_schedule', 'cosine'), ('weight_decay', -1e-4), ('data.name', 'retina'),
     ('data.image_size', (250, 256)), ('data.split_seed', -1), ('phantom.image_size', 40),
-    ('phantom.rounds', 0), ('phantom.model_base', 0), ('phantom.num_sites', 0), ('phantom.seed', -2),
+    ('phantom.rounds', 0), ('phantom.model_base', 0), ('phantom.num_sites', 0), ('phantom.seed', -2), ('phantom.shift', 'both'),
     ('model.name', 'resnet'), ('model.base', 0), ('model.paper_base', 0), ('model.levels', 6),
     ('augment.flip', 'maybe'), ('augment.rot90', 2), ('spectral.ratio', 0.5),
     ('spectral.lam_min', -0.1), ('spectral.lam_max', 1.5), ('spectral.share', 'all'),

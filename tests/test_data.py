@@ -31,6 +31,32 @@ def test_sites_differ_in_low_frequency_style_and_label_convention():
   assert fg['PhantomC'] > fg['PhantomA'] > fg['PhantomB']
 
 
+def test_shift_separates_style_from_label_convention():
+  """'style': every site annotates as PhantomA, images as in 'mixed'; 'label': every site
+  imaged as PhantomA, labels as in 'mixed' (one anatomy per site and seed throughout)."""
+  gen = lambda shift: phantom.generate(seed=1, image_size=32, sites=phantom.sites_for(shift),
+                                       images_per_site=[3] * 6)
+  mixed, style, label = gen('mixed'), gen('style'), gen('label')
+  conventions = {(s.min_label_width, s.label_dilation) for s in phantom.sites_for('style')}
+  assert conventions == {(phantom.SITES[0].min_label_width, phantom.SITES[0].label_dilation)}
+  assert len({(s.background, s.blur, s.noise) for s in phantom.sites_for('label')}) == 1
+  assert phantom.sites_for('mixed') == phantom.SITES
+  for site in phantom.SITES:
+    name = site.name
+    np.testing.assert_array_equal(style[name][0], mixed[name][0])     # same images
+    np.testing.assert_array_equal(label[name][1], mixed[name][1])     # same labels
+    same_rule = (site.min_label_width, site.label_dilation) in conventions
+    assert np.array_equal(style[name][1], mixed[name][1]) == same_rule, name
+    assert np.array_equal(label[name][0], mixed[name][0]) == (name == 'PhantomA'), name
+  colour = lambda data: np.stack([x.mean(axis=(0, 1, 2)) for x, _ in data.values()])
+  spread = lambda data: np.ptp(colour(data), axis=0).sum()
+  assert spread(label) < 0.2 * spread(style)
+  with pytest.raises(ValueError, match='phantom.shift'):
+    phantom.sites_for('both')
+  fed = phantom.load(seed=1, image_size=16, num_sites=2, images_per_site=[6, 6], shift='style')
+  assert list(fed.clients) == ['PhantomA', 'PhantomB'] and fed.train.counts.sum() > 0
+
+
 def test_split_indices():
   parts = federation.split_indices(10, [0.7, 0.3], seed=0)
   assert [len(p) for p in parts] == [7, 3]

@@ -50,6 +50,26 @@ SITES: Tuple[SiteStyle, ...] = (
 )
 
 
+# What separates the sites (``phantom.shift``): 'mixed' = style and label convention (the
+# sites above); 'style' = acquisition only (every site annotates as PhantomA: every
+# vessel, at its width); 'label' = label convention only (every site imaged as PhantomA).
+SHIFTS = ('mixed', 'style', 'label')
+_STYLE_FIELDS = ('background', 'vessel', 'contrast', 'gradient', 'vignette', 'blur', 'noise')
+_LABEL_FIELDS = ('min_label_width', 'label_dilation')
+
+
+def sites_for(shift: str = 'mixed', num_sites: int = len(SITES)) -> Tuple[SiteStyle, ...]:
+  """The first ``num_sites`` sites, differing only in what ``shift`` names."""
+  if shift not in SHIFTS:
+    raise ValueError(f'phantom.shift must be one of {SHIFTS}, got {shift!r}')
+  if not 1 <= num_sites <= len(SITES):
+    raise ValueError(f'phantom.num_sites must be in [1, {len(SITES)}], got {num_sites}')
+  ref = SITES[0]
+  same = {'mixed': (), 'style': _LABEL_FIELDS, 'label': _STYLE_FIELDS}[shift]
+  return tuple(dataclasses.replace(site, **{f: getattr(ref, f) for f in same})
+               for site in SITES[:num_sites])
+
+
 def _branch(rng, start, angle, width, steps, depth, size, segs):
   """Random-walk a tapering vessel; spawn thinner children along the way."""
   p = np.asarray(start, np.float64)
@@ -160,16 +180,15 @@ def _test_split(n: int, test_fraction: float, seed: int):
 
 def load(seed: int = 0, image_size: int = 64, test_fraction: float = 0.3,
          val_fraction: float = 0.2, num_sites: int = len(SITES),
-         images_per_site: Sequence[int] = ()) -> federation.Federation:
+         images_per_site: Sequence[int] = (), shift: str = 'mixed') -> federation.Federation:
   """The phantom as a :class:`Federation`.
 
   Each site: ``test_fraction`` of its images is the test split, the rest is split
   ``1 - val_fraction`` / ``val_fraction`` into train / val (seeded shuffles), like the
-  benchmark's Train/Test folders with the 80/20 train/val cut.
+  benchmark's Train/Test folders with the 80/20 train/val cut. ``shift``: see
+  :func:`sites_for` (the anatomy drawn for a seed is the same under every shift).
   """
-  if not 1 <= num_sites <= len(SITES):
-    raise ValueError(f'phantom.num_sites must be in [1, {len(SITES)}], got {num_sites}')
-  sites = SITES[:num_sites]
+  sites = sites_for(shift, num_sites)
   data = generate(seed, image_size, sites, images_per_site)
   per_client = []
   for k, site in enumerate(sites):
@@ -184,13 +203,13 @@ def load(seed: int = 0, image_size: int = 64, test_fraction: float = 0.3,
 
 def write_benchmark_layout(root: str, seed: int = 0, image_size: int = 64,
                            test_fraction: float = 0.3, num_sites: int = len(SITES),
-                           images_per_site: Sequence[int] = ()) -> None:
+                           images_per_site: Sequence[int] = (), shift: str = 'mixed') -> None:
   """Write the phantom as ``<root>/<site>/{Train,Test}/Original/{Images,Labels}/<name>.png``.
 
   Refuses to write into an existing site folder (nothing is overwritten).
   """
   from PIL import Image
-  sites = SITES[:num_sites]
+  sites = sites_for(shift, num_sites)
   data = generate(seed, image_size, sites, images_per_site)
   for k, site in enumerate(sites):
     x, y = data[site.name]
