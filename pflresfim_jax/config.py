@@ -162,7 +162,8 @@ RULES = {
     'weight_decay': _number(0.0),
     'data.name': _one_of('vessel', 'prostate', 'gland'), 'data.image_size': _image_size,
     'phantom.image_size': _image_size, 'phantom.rounds': _INT1, 'phantom.model_base': _INT1,
-    'phantom.shift': _one_of('mixed', 'style', 'label'), 'phantom.num_sites': _INT1,   # its upper end (the phantom's site count) is checked by phantom.load
+    'phantom.shift': _one_of('mixed', 'style', 'label'),   # phantom.SHIFTS
+    'phantom.num_sites': _INT1,   # its upper end (the phantom's site count) is checked by phantom.load
     'model.name': _one_of('unet'), 'model.base': _number(1, integer=True, none=True),
     'model.paper_base': _INT1, 'model.levels': _number(2, 5, integer=True),
     'augment.flip': _FLAG, 'augment.rot90': _FLAG,
