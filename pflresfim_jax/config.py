@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.resfim.scope = 'tensor'      # interpretation: or 'global'
   c.resfim.residual = 'abs'      # interpretation: or 'relative'
   c.resfim.eps = 1e-8
+  c.resfim.selector = 'residual'  # ablation: 'fisher', 'inverse', 'random', 'fedcac' (selectors.py)
   c.resfim.every = 1             # interpretation
   c.resfim.warmup_rounds = 0     # interpretation
 
@@ -174,6 +175,7 @@ RULES = {
     'resfim.ratio': _FRACTION, 'resfim.scope': _one_of('tensor', 'global'),
     'resfim.residual': _one_of('abs', 'relative'), 'resfim.eps': _number(0.0, open_lo=True),
     'resfim.every': _INT1, 'resfim.warmup_rounds': _INT0,
+    'resfim.selector': _one_of('residual', 'fisher', 'inverse', 'random', 'fedcac'),   # selectors.SELECTORS
     'fedprox.mu': _number(0.0), 'ditto.mu': _number(0.0), 'ditto.lr': _number(0.0, open_lo=True),
     'fedrep.head_epochs': _INT0, 'fedcac.tau': _FRACTION, 'fedcac.beta': _number(0.0, open_lo=True),
     'engine.client_axis': _one_of('vmap', 'map', 'auto'),

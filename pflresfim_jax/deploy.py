@@ -419,8 +419,9 @@ class Server:
               'train_loss': [float(uploads[i]['train_loss']) if i in uploads else None
                              for i in range(k)],
               'local_fraction': present(np.asarray(info['local_fraction']))}
-    if 'collaborators' in info:
-      record['collaborators'] = present(np.asarray(info['collaborators']))
+    for extra in ('collaborators', 'mask_overlap'):
+      if extra in info:
+        record[extra] = present(np.asarray(info[extra]))
     return out, record
 
 

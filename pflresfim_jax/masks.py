@@ -68,9 +68,9 @@ def _top_k_flat(scores: Array, k: int) -> Array:
   return jnp.zeros(scores.shape, bool).at[order[:k]].set(True)
 
 
-@functools.partial(jax.jit, static_argnames=('ratio', 'scope', 'eps'))
+@functools.partial(jax.jit, static_argnames=('ratio', 'scope', 'eps', 'lowest'))
 def top_fraction(scores: PyTree, ratio: float, scope: str = 'tensor',
-                 eps: float = 1e-12) -> PyTree:
+                 eps: float = 1e-12, lowest: bool = False) -> PyTree:
   """Mask of the top ``ratio`` fraction of entries by score.
 
   Args:
@@ -80,18 +80,20 @@ def top_fraction(scores: PyTree, ratio: float, scope: str = 'tensor',
       ``ceil(ratio * total)`` entries over all leaves after dividing each leaf by
       its mean (so layers of different scale compete fairly).
     eps: added to each leaf's mean in 'global' scope.
+    lowest: select the ``ratio`` fraction with the LOWEST (normalised) scores instead.
 
   Returns:
     bool pytree shaped like ``scores``. Ties are broken by position (earlier
     leaf, then lower flat index), so the result is deterministic.
   """
+  sign = -1.0 if lowest else 1.0
   if scope == 'tensor':
     return jax.tree.map(
-        lambda s: _top_k_flat(s.ravel(), top_k_count(s.size, ratio)).reshape(s.shape),
+        lambda s: _top_k_flat(sign * s.ravel(), top_k_count(s.size, ratio)).reshape(s.shape),
         scores)
   if scope == 'global':
     leaves, treedef = jax.tree.flatten(scores)
-    flat = jnp.concatenate([(s / (jnp.mean(s) + eps)).ravel() for s in leaves])
+    flat = jnp.concatenate([(sign * s / (jnp.mean(s) + eps)).ravel() for s in leaves])
     picked = _top_k_flat(flat, top_k_count(flat.size, ratio))
     out, start = [], 0
     for s in leaves:
@@ -105,6 +107,30 @@ def fraction_true(mask: PyTree) -> Array:
   """Fraction of True entries over a whole mask pytree (stacked: over everything)."""
   leaves = jax.tree.leaves(mask)
   return sum(m.sum() for m in leaves) / sum(m.size for m in leaves)
+
+
+def overlap(stacked: PyTree) -> Array:
+  """``[K, K]`` float32: entry (i, j) = |m_i and m_j| / |m_i| (0 where m_i is empty).
+
+  Args:
+    stacked: bool pytree with a leading client axis ``K``.
+  """
+  leaves = jax.tree.leaves(stacked)
+  k = leaves[0].shape[0]
+  both = sum(m.reshape(k, -1).astype(jnp.float32) @ m.reshape(k, -1).T.astype(jnp.float32)
+             for m in leaves)
+  size = jnp.diagonal(both)
+  return jnp.where(size[:, None] > 0, both / jnp.maximum(size[:, None], 1.0), 0.0)
+
+
+def kept(previous: PyTree, current: PyTree) -> Array:
+  """``[K]``: the fraction of each client's current local entries that were local before
+  (``|prev and cur| / |cur|``, 0 where cur is empty). Both stacked bool pytrees."""
+  leaves = jax.tree.leaves(jax.tree.map(jnp.logical_and, previous, current))
+  k = leaves[0].shape[0]
+  both = sum(m.reshape(k, -1).sum(1) for m in leaves)
+  size = sum(m.reshape(k, -1).sum(1) for m in jax.tree.leaves(current))
+  return jnp.where(size > 0, both / jnp.maximum(size, 1), 0.0).astype(jnp.float32)
 
 
 def module_fractions(mask: PyTree) -> dict:

@@ -45,6 +45,7 @@ from pflresfim_jax import fisher, losses, masks, spectral
 Array = jax.Array
 PyTree = Any
 Estimate = Callable[[PyTree, Mapping[str, Array]], PyTree]
+FisherPair = Callable[[PyTree, Mapping[str, Array]], Tuple[PyTree, PyTree]]
 
 RESIDUALS = ('abs', 'relative')
 # Keyword arguments that put a linen module in inference mode, by the name its
@@ -98,12 +99,35 @@ def estimator(model: Union[nn.Module, Callable[[PyTree, Array], Array]], *,
   """
   if residual not in RESIDUALS:
     raise ValueError(f'resfim.residual must be one of {RESIDUALS}, got {residual!r}')
+  pair = fisher_pair(model, loss=loss, chunk_size=chunk_size, spectral_ratio=spectral_ratio,
+                     lam_range=lam_range, value_range=value_range, unroll=unroll,
+                     apply_kwargs=apply_kwargs)
+
+  def estimate(variables: PyTree, batch: Mapping[str, Array]) -> PyTree:
+    return _residual(*pair(variables, batch), residual, eps)
+  return estimate
+
+
+def fisher_pair(model: Union[nn.Module, Callable[[PyTree, Array], Array]], *,
+                loss: Union[str, Callable[[Array, Array], Array]] = 'nll',
+                chunk_size: int = 1, spectral_ratio: float = 0.01,
+                lam_range: Tuple[float, float] = (0.0, 1.0),
+                value_range: Optional[Tuple[float, float]] = (0.0, 1.0), unroll: bool = False,
+                apply_kwargs: Optional[Mapping[str, Any]] = None) -> FisherPair:
+  """The two Fisher diagonals ResFIM compares, before the residual (for other selectors).
+
+  Same arguments as :func:`estimator` (less ``residual`` and ``eps``).
+
+  Returns:
+    ``pair(variables, batch) -> (F_orig, F_sim)``: float32 pytrees shaped like the
+    parameters; ``estimator(...)(v, b) == residual(*pair(v, b))``.
+  """
   if not 0.0 <= spectral_ratio < 0.5:   # checked here, before anything is traced
     raise ValueError(f'spectral.ratio must be in [0, 0.5), got {spectral_ratio!r}')
   apply_fn = _linen_apply(model, apply_kwargs) if isinstance(model, nn.Module) else model
   per_image = losses.per_example(loss) if isinstance(loss, str) else loss
 
-  def estimate(variables: PyTree, batch: Mapping[str, Array]) -> PyTree:
+  def pair(variables: PyTree, batch: Mapping[str, Array]) -> Tuple[PyTree, PyTree]:
     with_state = _has_state(variables)
     params = variables['params'] if with_state else variables
 
@@ -117,8 +141,8 @@ def estimator(model: Union[nn.Module, Callable[[PyTree, Array], Array]], *,
                              chunk_size, mask, unroll)
     f_sim = fisher.diagonal(loss_fn, params, {'image': sim, 'label': labels},
                             chunk_size, mask, unroll)
-    return _residual(f_orig, f_sim, residual, eps)
-  return estimate
+    return f_orig, f_sim
+  return pair
 
 
 def estimate(variables: PyTree, batch: Mapping[str, Array], model, **settings) -> PyTree:

@@ -101,7 +101,7 @@ def _round_record(method, seed, rnd, m) -> Dict:
             'val': {n: v.tolist() for n, v in m['val'].items()},
             'test': {n: v.tolist() for n, v in m['test'].items()},
             'local_fraction': m['local_fraction'].tolist()}
-  for extra in ('collaborators', 'layer_fraction'):
+  for extra in ('collaborators', 'layer_fraction', 'mask_overlap', 'mask_kept'):
     if extra in m:
       record[extra] = jax.tree.map(lambda v: v.tolist(), m[extra])
   return record

@@ -70,3 +70,20 @@ def test_module_fractions_match_a_count():
   np.testing.assert_allclose(got['head'], 1 / 3, rtol=EPS32)
   stacked = jax.vmap(masks.module_fractions)(masks.stack(mask, 2))
   assert stacked['head'].shape == (2,)
+
+
+def test_overlap_and_kept_against_counting():
+  rng = np.random.default_rng(3)
+  prev = {'a': rng.random((3, 4, 5)) < 0.3, 'b': rng.random((3, 6)) < 0.5}
+  cur = {'a': rng.random((3, 4, 5)) < 0.3, 'b': rng.random((3, 6)) < 0.5}
+  cur['a'][2], cur['b'][2] = False, False          # client 2 keeps nothing local
+  flat = lambda t: np.concatenate([t['a'].reshape(3, -1), t['b'].reshape(3, -1)], 1)
+  p, c = flat(prev), flat(cur)
+  got = np.asarray(masks.overlap(jax.tree.map(jnp.asarray, cur)))
+  for i in range(3):
+    for j in range(3):
+      want = (c[i] & c[j]).sum() / c[i].sum() if c[i].sum() else 0.0
+      np.testing.assert_allclose(got[i, j], want, rtol=EPS32)
+  want_kept = [(p[k] & c[k]).sum() / c[k].sum() if c[k].sum() else 0.0 for k in range(3)]
+  np.testing.assert_allclose(masks.kept(jax.tree.map(jnp.asarray, prev),
+                                        jax.tree.map(jnp.asarray, cur)), want_kept, rtol=EPS32)

@@ -198,6 +198,35 @@ def test_pfl_resfim_keeps_top_ratio_local_and_averages_the_rest():
                              (head.sum(1) + head_b.sum(1)) / (head.shape[1] + head_b.shape[1]), rtol=EPS32)
 
 
+  # Mean overlap with the other clients' masks (the evidence's agreement figure).
+  flat = np.concatenate([np.asarray(m).reshape(m.shape[0], -1) for m in jax.tree.leaves(mask)], 1)
+  want = [np.mean([(flat[i] & flat[j]).sum() / flat[i].sum() for j in range(3) if j != i])
+          for i in range(3)]
+  np.testing.assert_allclose(info['mask_overlap'], want, rtol=4 * EPS32)
+
+
+@pytest.mark.parametrize('selector', ['fedcac', 'random'])
+def test_pfl_resfim_selectors_without_fisher(selector):
+  """resfim.selector: the same count per tensor, chosen by the selector's score."""
+  start, trained, after, _, _ = one_round('pfl_resfim', **{'resfim.selector': selector})
+  mask = after['local_mask']
+  for m in jax.tree.leaves(mask):
+    for k in range(m.shape[0]):
+      assert int(m[k].sum()) == masks.top_k_count(m[k].size, 0.2)
+  if selector == 'fedcac':   # |(theta - theta_start) * theta| of each client
+    from test_selectors import ref_pick
+    for t, s0, m in zip(jax.tree.leaves(trained['params']), jax.tree.leaves(start['params']),
+                        jax.tree.leaves(mask)):
+      t, s0 = np.asarray(t, np.float64), np.asarray(s0, np.float64)
+      for k in range(t.shape[0]):
+        score = np.abs((t[k] - s0[k]) * t[k])
+        # float32 products may reorder near-ties: 99% of entries agree.
+        assert np.mean(ref_pick(score, 0.2) == np.asarray(m[k])) >= 0.99
+  else:   # a different draw for every client
+    head = np.asarray(mask['enc3_1']['conv']['kernel']).reshape(3, -1)
+    assert not np.array_equal(head[0], head[1])   # 116 of 576 entries each
+
+
 def test_pfl_resfim_warmup_is_fedavg():
   _, _, after, _, _ = one_round('pfl_resfim', **{'resfim.warmup_rounds': 5})
   assert all_equal_across_clients(after['params'])

@@ -158,6 +158,7 @@ class Method:
     info['local_fraction'] = jax.vmap(masks.fraction_true)(state['local_mask'])
     if self.dynamic_mask:
       info['layer_fraction'] = jax.vmap(masks.module_fractions)(state['local_mask'])
+      info['mask_overlap'] = _mean_overlap(masks.overlap(state['local_mask']), weights > 0)
     return state, info
 
   def mix(self, params: PyTree, agg_mask: PyTree, weights: Array, rnd: Array
@@ -232,10 +233,13 @@ def compose(method: Method) -> Algorithm:
 
   def round_fn(state, data, bank, key, rnd):
     train_keys, stats_keys = client_keys(key, k_clients)
+    previous = state['local_mask']
     state, agg_mask, loss = client(state, data['train'], bank, train_keys, stats_keys, rnd,
                                    jnp.arange(k_clients))
     weights = data['train']['count'].astype(jnp.float32)
     state, info = method.aggregate(state, agg_mask, weights, rnd)
+    if method.dynamic_mask:   # how much of each client's local set carried over
+      info['mask_kept'] = masks.kept(previous, state['local_mask'])
     return state, {**evaluate(state, data), **info, 'train_loss': loss}
 
   def predict(state, images):
@@ -262,6 +266,12 @@ def client_keys(round_key: Array, k_clients: int) -> Tuple[Array, Array]:
   """
   k_train, k_server = jax.random.split(round_key)
   return jax.random.split(k_train, k_clients), jax.random.split(k_server, k_clients)
+
+
+def _mean_overlap(overlap: Array, present: Array) -> Array:
+  """``[K]``: client k's mean overlap (masks.overlap row) with the other present clients."""
+  pair = present[:, None] & present[None, :] & ~jnp.eye(present.shape[0], dtype=bool)
+  return jnp.sum(jnp.where(pair, overlap, 0.0), 1) / jnp.maximum(pair.sum(1), 1)
 
 
 def where_tree(pred, a: PyTree, b: PyTree) -> PyTree:

@@ -13,15 +13,17 @@ One round, as each client runs it (METHOD.md 1-5):
    domain-sensitive and stays local: the client's new local mask;
 
 and on the server, 6. masked mean: METHOD.md 4's weighted mean of every other entry
-(the base aggregation). Steps 2-4 are ``resfim.estimator``. Masks are re-estimated
+(the base aggregation). Steps 2-4 are ``resfim.estimator`` (here its two halves,
+``resfim.fisher_pair`` and ``resfim.residual``, inside ``selectors.select``). Masks are re-estimated
 every ``resfim.every`` rounds after ``resfim.warmup_rounds`` of plain FedAvg.
+``resfim.selector`` swaps step 4's ranking for an ablation (selectors.py).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from pflresfim_jax import masks, resfim
+from pflresfim_jax import masks, resfim, selectors
 from pflresfim_jax.clients import engine
 from pflresfim_jax.methods.base import Method, where_tree
 
@@ -32,35 +34,38 @@ class PFLResFIM(Method):
   def __init__(self, ctx):
     super().__init__(ctx)
     cfg = self.config
-    self.estimate = resfim.estimator(
-        self.model, loss=cfg.fisher.loss, residual=cfg.resfim.residual,
+    self.fisher_pair = resfim.fisher_pair(
+        self.model, loss=cfg.fisher.loss,
         chunk_size=engine.resolve_fisher_chunk(cfg.fisher.chunk_size, self.unroll),
         spectral_ratio=cfg.spectral.ratio, lam_range=(cfg.spectral.lam_min, cfg.spectral.lam_max),
-        eps=cfg.resfim.eps, unroll=self.unroll)
+        unroll=self.unroll)
 
-  def fresh_masks(self, state, data, bank, keys, client_ids):
-    """Steps 2-5 on every client: the new local masks."""
+  def fresh_masks(self, state, start, data, bank, keys, client_ids):
+    """Steps 2-5 on every client: the new local masks (``resfim.selector`` ranks)."""
     nmax = data['image'].shape[1]
     m = min(int(self.config.fisher.num_examples), nmax)
     rc = self.config.resfim
 
-    def one(params, stats, d, key, client_id, bank):
+    def one(params, stats, start, d, key, client_id, bank):
       k_pick, k_sim = jax.random.split(key)
-      order = engine.epoch_order(k_pick, d['count'], nmax, nmax)[:m]
-      batch = {'image': d['image'][order], 'label': d['label'][order],
-               'mask': jnp.arange(m) < d['count'], 'key': k_sim,
-               'style': bank['windows'], 'style_owner': bank['owner'], 'client_id': client_id}
-      scores = self.estimate({'params': params, 'batch_stats': stats}, batch)
-      return resfim.partition(scores, rc.ratio, rc.scope)
+      fishers = None
+      if rc.selector in selectors.NEEDS_FISHER:
+        order = engine.epoch_order(k_pick, d['count'], nmax, nmax)[:m]
+        batch = {'image': d['image'][order], 'label': d['label'][order],
+                 'mask': jnp.arange(m) < d['count'], 'key': k_sim,
+                 'style': bank['windows'], 'style_owner': bank['owner'], 'client_id': client_id}
+        fishers = self.fisher_pair({'params': params, 'batch_stats': stats}, batch)
+      return selectors.select(rc.selector, rc.ratio, rc.scope, fishers=fishers, params=params,
+                              start=start, key=k_sim, residual=rc.residual, eps=rc.eps)
     # The (small) bank goes to every client as an argument, not a closure: inside a
     # shard_map over devices a closed-over sharded array cannot be indexed.
-    return self.over_clients(one, state['params'], state['batch_stats'], data, keys, client_ids,
-                             masks.stack(bank, self.num_clients))
+    return self.over_clients(one, state['params'], state['batch_stats'], start, data, keys,
+                             client_ids, masks.stack(bank, self.num_clients))
 
   def client_stats(self, state, start, data, bank, keys, rnd, client_ids):
     rc, mask = self.config.resfim, state['local_mask']
     due = (rnd >= rc.warmup_rounds) & ((rnd - rc.warmup_rounds) % rc.every == 0)
-    fresh = lambda: self.fresh_masks(state, data, bank, keys, client_ids)
+    fresh = lambda: self.fresh_masks(state, start, data, bank, keys, client_ids)
     if self.unroll:
       # XLA:CPU is slow on gradients inside a conditional's branch (as in loops):
       # estimate every round and select.
