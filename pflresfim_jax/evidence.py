@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import ml_collections
 import numpy as np
@@ -36,8 +36,10 @@ Cell = Tuple[str, Dict[str, object]]
 
 def grid(config: ml_collections.ConfigDict, shifts: Sequence[str] = SHIFTS,
          baselines: Sequence[str] = BASELINES,
-         selector_names: Sequence[str] = selectors.SELECTORS) -> List[Cell]:
-  """``[(cell folder, config overrides)]`` in run order (see the module docstring)."""
+         selector_names: Sequence[str] = selectors.SELECTORS,
+         placement: Optional[Sequence[str]] = None) -> List[Cell]:
+  """``[(cell folder, config overrides)]`` in run order (see the module docstring);
+  ``placement``: the selectors of the placement cells (None: ``selector_names``)."""
   cells: List[Cell] = []
   for shift in shifts:
     cells.append((f'{shift}/baselines', {'phantom.shift': shift, 'method': ','.join(baselines)}))
@@ -48,16 +50,17 @@ def grid(config: ml_collections.ConfigDict, shifts: Sequence[str] = SHIFTS,
   cells += [(f'placement/{s}', {'phantom.shift': shifts[0], 'method': 'pfl_resfim',
                                 'resfim.selector': s, 'resfim.scope': 'global',
                                 'seeds': first_seed})
-            for s in selector_names]
+            for s in (selector_names if placement is None else placement)]
   return cells
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, out: str,
         shifts: Sequence[str] = SHIFTS, baselines: Sequence[str] = BASELINES,
-        selector_names: Sequence[str] = selectors.SELECTORS) -> str:
+        selector_names: Sequence[str] = selectors.SELECTORS,
+        placement: Optional[Sequence[str]] = None) -> str:
   """Run (or resume) every cell of :func:`grid`, then write ``out``; returns the markdown."""
   runs: Dict[str, Dict] = {}
-  cells = grid(config, shifts, baselines, selector_names)
+  cells = grid(config, shifts, baselines, selector_names, placement)
   for i, (name, overrides) in enumerate(cells):
     log.warning('evidence cell %d/%d: %s', i + 1, len(cells), name)
     cell_dir = os.path.join(workdir, name)

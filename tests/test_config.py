@@ -21,6 +21,7 @@ BAD = [
     ('fisher.loss', 'hinge'), ('fisher.num_examples', 0), ('fisher.chunk_size', 0),
     ('resfim.ratio', 1.5), ('resfim.scope', 'layer'), ('resfim.residual', 'squared'),
     ('resfim.eps', 0.0), ('resfim.every', 0), ('resfim.warmup_rounds', -1), ('fedprox.mu', -1.0),
+    ('resfim.selector', 'magic'),
     ('ditto.mu', -1.0), ('ditto.lr', 0.0), ('fedrep.head_epochs', -1), ('fedcac.tau', 2.0),
     ('fedcac.beta', 0.0), ('engine.client_axis', 'pmap'), ('engine.unroll', 'sometimes'),
     ('engine.precision', 'fp8'), ('engine.devices', '0'), ('cluster.num_processes', -1),
@@ -66,7 +67,7 @@ def test_every_field_has_a_rule():
 
 
 def test_shipped_configs_and_edges_pass():
-  for name in ('vessel', 'prostate', 'gland'):
+  for name in ('vessel', 'prostate', 'gland', 'evidence'):
     scope = {}
     exec(open(os.path.join(ROOT, 'configs', f'{name}.py')).read(), scope)
     build.resolve(scope['get_config']())

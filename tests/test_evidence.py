@@ -17,6 +17,8 @@ def test_grid_covers_shifts_baselines_and_every_selector():
   assert all(cells[c]['resfim.scope'] == 'global' and cells[c]['seeds'] == '3' and
              cells[c]['phantom.shift'] == 'style' for c in placement)
   assert len(cells) == 2 * 5 + 5
+  small = evidence.grid(tiny_config(), ('style',), ('fedavg',), ('residual',), placement=('random',))
+  assert [c for c, _ in small] == ['style/baselines', 'placement/random']
 
 
 def _rows(md, header):
@@ -30,8 +32,9 @@ def test_evidence_runs_and_reports(tmp_path):
   cfg = tiny_config(rounds=2, seeds='0,1', **{'phantom.num_sites': 2, 'report.enabled': False})
   out = tmp_path / 'docs' / 'evidence.md'
   out.parent.mkdir()
+  # Placement of 'random' only: a global-scope Fisher program would be one more compile.
   kw = dict(shifts=('style',), baselines=('fedavg', 'pfl_resfim'),
-            selector_names=('residual', 'random'))
+            selector_names=('residual', 'random'), placement=('random',))
   md = evidence.run(cfg, str(tmp_path / 'runs'), str(out), **kw)
   assert out.read_text() == md
   assert (tmp_path / 'docs' / 'evidence' / 'style_val_dice.png').stat().st_size > 0
@@ -53,14 +56,14 @@ def test_evidence_runs_and_reports(tmp_path):
   # A random 20% of ~2,000 entries: about 20% of it was local before, and at the other client.
   kept_random = float(masks_rows['pfl_resfim (random)'][0].split('±')[0])
   assert 12.0 < kept_random < 28.0
-  # Placement: every selector keeps the same total in global scope, spread over layers.
+  # Placement: the selector's share per layer in global scope.
   place = _rows(md, '## Where each selector keeps its entries local')
   assert list(next(iter(place.values()))) and {'head', 'enc1_0/conv'} <= set(place)
-  assert all(len(v) == 2 and all(0.0 <= float(x) <= 100.0 for x in v) for v in place.values())
+  assert all(len(v) == 1 and 0.0 <= float(v[0]) <= 100.0 for v in place.values())
   assert 'spectral.ratio 0.1 (a 3x3 amplitude window)' in md   # 16x16: b = floor(1.6) = 1
   # Resumable: a second call finds every run finished and trains nothing.
   stamps = {p: os.path.getmtime(p) for p in (tmp_path / 'runs').rglob('metrics.jsonl')}
-  assert len(stamps) == 2 * 2 + 2 + 2   # baselines and random x 2 seeds; placement x 1
+  assert len(stamps) == 2 * 2 + 2 + 1   # baselines and random x 2 seeds; placement x 1
   again = evidence.run(cfg, str(tmp_path / 'runs'), str(out), **kw)
   assert again == md
   assert {p: os.path.getmtime(p) for p in stamps} == stamps
