@@ -84,9 +84,8 @@ def _label(cell: str, method: str) -> str:
 
 def _shift_runs(runs: Dict, shift: str) -> List[Tuple[str, str, str]]:
   """``[(row label, cell, method)]`` of one shift, baselines first."""
-  rows = [(_label(c, m), c, m) for c in runs if c.startswith(shift + '/')
+  return [(_label(c, m), c, m) for c in runs if c.startswith(shift + '/')
           for m in runs[c]['test']]
-  return rows
 
 
 def _mean_std(values) -> str:

@@ -60,5 +60,9 @@ def select(selector: str, ratio: float, scope: str = 'tensor', *,
     keys = jax.random.split(key, len(leaves))
     draws = [jax.random.uniform(k, x.shape) for k, x in zip(keys, leaves)]
     return masks.top_fraction(jax.tree.unflatten(treedef, draws), ratio, scope)
-  score = jax.tree.map(lambda new, old: jnp.abs((new - old) * new), params, start)
-  return masks.top_fraction(score, ratio, scope)
+  return masks.top_fraction(update_score(params, start), ratio, scope)
+
+
+def update_score(params: PyTree, start: PyTree) -> PyTree:
+  """FedCAC's sensitivity ``|(theta - theta_start) * theta|`` (pytrees of one shape)."""
+  return jax.tree.map(lambda new, old: jnp.abs((new - old) * new), params, start)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pflresfim_jax import aggregate
+from pflresfim_jax import aggregate, selectors
 from pflresfim_jax.methods.base import Contract, Method
 
 
@@ -67,7 +67,7 @@ class FedCAC(Method):
 
   def client_stats(self, state, start, data, bank, keys, rnd, client_ids):
     tau = self.config.fedcac.tau
-    score = jax.tree.map(lambda new, old: jnp.abs((new - old) * new), state['params'], start)
+    score = selectors.update_score(state['params'], start)
     crit = jax.tree.map(lambda s: jax.vmap(lambda x: critical(x, tau))(s), score)
     return {**state, 'local_mask': crit}, crit
 
