@@ -20,6 +20,25 @@ Array = jax.Array
 PyTree = Any
 
 
+WEIGHTS = ('batches', 'examples')
+
+
+def client_weights(counts: Array, batch_size: int, rule: str = 'batches') -> Array:
+  """Aggregation weights ``[K]`` float32 from training-set sizes ``counts [K]``.
+
+  'batches': ``ceil(count / batch_size)``, the batches per epoch, which is what
+  FL-MedSegBench's Server_update weighs by (main_seg.py: ``len(train_loader)``);
+  'examples': ``count``, the training examples (METHOD.md 4). A client with no data
+  weighs 0 either way.
+  """
+  counts = jnp.asarray(counts)
+  if rule == 'examples':
+    return counts.astype(jnp.float32)
+  if rule != 'batches':
+    raise ValueError(f'aggregate_weights must be one of {WEIGHTS}, got {rule!r}')
+  return jnp.ceil(counts.astype(jnp.float32) / float(batch_size))
+
+
 def _weights_like(weights: Array, x: Array) -> Array:
   return weights.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
 

@@ -80,7 +80,8 @@ def model(config):
   dtype = jnp.bfloat16 if config.engine.precision == 'bf16' else jnp.float32
   if config.model.name != 'unet':
     raise ValueError(f"model.name must be 'unet', got {config.model.name!r}")
-  return models.UNet2D(base=config.model.base, dtype=dtype, levels=config.model.levels)
+  return models.UNet2D(base=config.model.base, dtype=dtype, levels=config.model.levels,
+                       bias_init=config.model.bias_init, bn_unbiased=config.model.bn_unbiased)
 
 
 def device_data(fed: federation.Federation, mesh=None) -> Dict[str, Dict[str, jax.Array]]:

@@ -23,6 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.lr = 1e-3
   c.lr_schedule = 'step'         # 'step': halve every T/4 rounds; 'constant'
   c.weight_decay = 5e-4          # L2 coupled into Adam (add_decayed_weights before adam)
+  c.aggregate_weights = 'examples'  # server weights: 'batches' per epoch (reference) or 'examples'
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'vessel'
@@ -45,6 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.base = config_dict.placeholder(int)  # None: paper_base on real data, phantom.model_base on the phantom
   c.model.paper_base = 16
   c.model.levels = 5    # UNet2D resolution levels; 5 is the reference (fewer: smaller, faster to compile)
+  c.model.bias_init = 'zeros'   # conv biases: 'torch' (Conv2d default, the reference) or 'zeros'
+  c.model.bn_unbiased = False    # BatchNorm tracks the unbiased batch variance, as torch does
 
   c.augment = ml_collections.ConfigDict()
   c.augment.flip = True
@@ -160,13 +163,14 @@ RULES = {
     'rounds': _number(1, integer=True, none=True),   # None: filled by build.resolve
     'paper_rounds': _INT1, 'local_epochs': _INT0, 'batch_size': _INT1,
     'lr': _number(0.0, open_lo=True), 'lr_schedule': _one_of('step', 'constant'),
-    'weight_decay': _number(0.0),
+    'weight_decay': _number(0.0), 'aggregate_weights': _one_of('batches', 'examples'),
     'data.name': _one_of('vessel', 'prostate', 'gland'), 'data.image_size': _image_size,
     'phantom.image_size': _image_size, 'phantom.rounds': _INT1, 'phantom.model_base': _INT1,
     'phantom.shift': _one_of('mixed', 'style', 'label'),   # phantom.SHIFTS
     'phantom.num_sites': _INT1,   # its upper end (the phantom's site count) is checked by phantom.load
     'model.name': _one_of('unet'), 'model.base': _number(1, integer=True, none=True),
     'model.paper_base': _INT1, 'model.levels': _number(2, 5, integer=True),
+    'model.bias_init': _one_of('torch', 'zeros'), 'model.bn_unbiased': _FLAG,   # models.BIAS_INITS
     'augment.flip': _FLAG, 'augment.rot90': _FLAG,
     'spectral.ratio': _number(0.0, 0.5, open_hi=True), 'spectral.lam_min': _FRACTION,
     'spectral.lam_max': _FRACTION, 'spectral.share': _one_of('per_image', 'client_mean'),

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pflresfim_jax import build, methods, spectral
+from pflresfim_jax import aggregate, build, methods, spectral
 from pflresfim_jax.data import federation
 
 PyTree = Any
@@ -345,7 +345,8 @@ class Hospital:
     out.update(pack_mask(one(state['local_mask']), 'local_mask'))
     if self.contract.batch_stats:
       out.update(prefixed('batch_stats', flatten(one(state['batch_stats']))))
-    out['weight'] = np.asarray(float(self.fed.train.counts[0]), np.float32)
+    out['weight'] = np.asarray(aggregate.client_weights(
+        self.fed.train.counts[:1], self.config.batch_size, self.config.aggregate_weights)[0])
     out['train_loss'] = np.asarray(np.asarray(loss)[0], np.float32)
     return out
 

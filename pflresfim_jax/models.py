@@ -26,6 +26,65 @@ BN = 'bn'
 # Kaiming-normal, fan_out, ReLU gain (torch's kaiming_normal_(mode='fan_out')).
 kaiming_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
+BIAS_INITS = ('torch', 'zeros')
+
+
+def conv_bias_init(kind: str, fan_in: int):
+  """Initialiser of a conv bias ``[features]``.
+
+  'torch': uniform in +-1/sqrt(fan_in), fan_in = in_channels * kh * kw, torch.nn.Conv2d's
+  default (the reference UNet2D re-initialises only the kernels); 'zeros': flax's default.
+  """
+  if kind == 'zeros':
+    return nn.initializers.zeros
+  if kind != 'torch':
+    raise ValueError(f'model.bias_init must be one of {BIAS_INITS}, got {kind!r}')
+  bound = 1.0 / float(fan_in) ** 0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+class BatchNorm(nn.Module):
+  """torch.nn.BatchNorm2d over the last axis of ``x [N, H, W, C]``, with an example mask.
+
+  Training normalises with the batch's biased variance and moves the running statistics
+  by ``1 - momentum`` towards the batch mean and, when ``unbiased``, the unbiased
+  variance ``v * n / (n - 1)`` (n = real examples * H * W), as torch does; flax's
+  nn.BatchNorm tracks the biased one (``unbiased=False`` gives that). ``mask`` (bool,
+  broadcastable to ``[N, 1, 1, 1]``) excludes padded examples from the statistics.
+  Parameters ``scale``/``bias`` and statistics ``mean``/``var`` are float32, as in flax.
+  """
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  unbiased: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool, mask: Optional[Array] = None) -> Array:
+    c = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (c,), jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, (c,), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    if train:
+      w = jnp.ones(x.shape[:1] + (1,) * (x.ndim - 1), jnp.float32) if mask is None \
+          else jnp.broadcast_to(mask, x.shape[:1] + (1,) * (x.ndim - 1)).astype(jnp.float32)
+      axes = tuple(range(x.ndim - 1))
+      n = jnp.sum(w) * (x.size // (x.shape[0] * c))
+      mean = jnp.sum(x32 * w, axes) / jnp.maximum(n, 1.0)
+      var = jnp.sum(jnp.square(x32 - mean) * w, axes) / jnp.maximum(n, 1.0)
+      if not self.is_initializing():
+        track = var * n / jnp.maximum(n - 1.0, 1.0) if self.unbiased else var
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * track
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    y = (x32 - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+    return y.astype(self.dtype)
+
 
 class ConvBN(nn.Module):
   """conv (with bias) -> BatchNorm -> optional ReLU."""
@@ -33,14 +92,18 @@ class ConvBN(nn.Module):
   kernel: int = 3
   relu: bool = True
   dtype: Any = jnp.float32
+  bias_init: str = 'torch'
+  bn_unbiased: bool = True
 
   @nn.compact
   def __call__(self, x: Array, train: bool, mask: Optional[Array] = None) -> Array:
+    fan_in = x.shape[-1] * self.kernel * self.kernel
     x = nn.Conv(self.features, (self.kernel, self.kernel), padding='SAME',
-                kernel_init=kaiming_fan_out, dtype=self.dtype, name='conv')(x)
+                kernel_init=kaiming_fan_out, bias_init=conv_bias_init(self.bias_init, fan_in),
+                dtype=self.dtype, name='conv')(x)
     # Statistics and normalisation in float32 whatever the compute dtype.
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                     dtype=self.dtype, param_dtype=jnp.float32, name=BN)(x, mask=mask)
+    x = BatchNorm(momentum=0.9, epsilon=1e-5, unbiased=self.bn_unbiased, dtype=self.dtype,
+                  name=BN)(x, train, mask)
     return nn.relu(x) if self.relu else x
 
 
@@ -74,6 +137,8 @@ class UNet2D(nn.Module):
   out_channels: int = 1
   dtype: Any = jnp.float32
   levels: int = 5
+  bias_init: str = 'torch'
+  bn_unbiased: bool = True
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False, mask: Optional[Array] = None,
@@ -85,7 +150,8 @@ class UNet2D(nn.Module):
       raise ValueError(f'UNet2D with {depth} levels needs H and W divisible by '
                        f'{2 ** (depth - 1)}, got {x.shape[1:3]}')
     bmask = None if mask is None else mask.reshape(-1, 1, 1, 1)
-    block = lambda f, name, k=3, relu=True: ConvBN(f, k, relu, self.dtype, name=name)
+    block = lambda f, name, k=3, relu=True: ConvBN(f, k, relu, self.dtype, self.bias_init,
+                                                   self.bn_unbiased, name=name)
     x = x.astype(self.dtype)
     widths = [n * 2 ** i for i in range(depth)]         # reference: n, 2n, 4n, 8n, 16n
     skips = []
@@ -106,6 +172,7 @@ class UNet2D(nn.Module):
       x = block(width, f'{name}_out')(x, train, bmask)
     feat = x
     logits = nn.Conv(self.out_channels, (1, 1), kernel_init=kaiming_fan_out,
+                     bias_init=conv_bias_init(self.bias_init, feat.shape[-1]),
                      dtype=self.dtype, name=HEAD)(feat)
     logits = logits.astype(jnp.float32)
     return (logits, feat.astype(jnp.float32)) if features else logits

@@ -88,6 +88,15 @@ def test_invariants(k, n, seed):
       np.testing.assert_array_equal(vals, vals[0])
 
 
+def test_client_weights():
+  counts = jnp.array([0, 1, 8, 9, 17])
+  # FL-MedSegBench weighs by len(train_loader): batches per epoch, the last one partial.
+  np.testing.assert_array_equal(aggregate.client_weights(counts, 8), [0, 1, 1, 2, 3])
+  np.testing.assert_array_equal(aggregate.client_weights(counts, 8, 'examples'), [0, 1, 8, 9, 17])
+  with pytest.raises(ValueError, match='aggregate_weights'):
+    aggregate.client_weights(counts, 8, 'sizes')
+
+
 def test_docstring_example_runs():
   import doctest
   result = doctest.testmod(aggregate, optionflags=doctest.NORMALIZE_WHITESPACE)

@@ -16,6 +16,7 @@ BAD = [
     ('data.image_size', (250, 256)), ('data.split_seed', -1), ('phantom.image_size', 40),
     ('phantom.rounds', 0), ('phantom.model_base', 0), ('phantom.num_sites', 0), ('phantom.seed', -2), ('phantom.shift', 'both'),
     ('model.name', 'resnet'), ('model.base', 0), ('model.paper_base', 0), ('model.levels', 6),
+    ('model.bias_init', 'kaiming'), ('model.bn_unbiased', 'maybe'), ('aggregate_weights', 'sizes'),
     ('augment.flip', 'maybe'), ('augment.rot90', 2), ('spectral.ratio', 0.5),
     ('spectral.lam_min', -0.1), ('spectral.lam_max', 1.5), ('spectral.share', 'all'),
     ('fisher.loss', 'hinge'), ('fisher.num_examples', 0), ('fisher.chunk_size', 0),

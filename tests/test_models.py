@@ -1,3 +1,4 @@
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,6 +88,82 @@ def test_bn_mask_excludes_padded_examples():
   assert_tree_close(out[:2], real, rtol=tol, atol_rel=tol)
   scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(s_real))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale), s_pad, s_real)
+
+
+def np_batchnorm_train(x, scale, bias, ra_mean, ra_var, mask, unbiased, momentum=0.9, eps=1e-5):
+  """torch.nn.BatchNorm2d.train() forward, written out in float64 over the real examples."""
+  real = np.asarray(x, np.float64)[np.asarray(mask, bool)]
+  v = real.reshape(-1, real.shape[-1])
+  n = v.shape[0]
+  mean, var = v.mean(0), v.var(0)            # biased: what torch normalises with
+  track = var * n / (n - 1) if unbiased else var
+  y = (np.asarray(x, np.float64) - mean) / np.sqrt(var + eps) * scale + bias
+  return y, momentum * ra_mean + (1 - momentum) * mean, momentum * ra_var + (1 - momentum) * track
+
+
+@pytest.mark.parametrize('unbiased', [True, False])
+def test_batchnorm_follows_torch_batchnorm2d(unbiased):
+  rng = np.random.default_rng(0)
+  x = rng.normal(1.5, 2.0, (4, 3, 5, 6)).astype(np.float32)     # n = 2 x 3 x 5 = 30 real
+  mask = np.array([1, 0, 1, 0], bool)
+  scale, bias = rng.normal(size=6), rng.normal(size=6)
+  ra_mean, ra_var = rng.normal(size=6), rng.uniform(0.5, 2, size=6)
+  variables = {'params': {'scale': scale.astype(np.float32), 'bias': bias.astype(np.float32)},
+               'batch_stats': {'mean': ra_mean.astype(np.float32), 'var': ra_var.astype(np.float32)}}
+  bn = models.BatchNorm(unbiased=unbiased)
+  y, new = bn.apply(variables, jnp.asarray(x), True, jnp.asarray(mask).reshape(-1, 1, 1, 1),
+                    mutable=['batch_stats'])
+  want_y, want_mean, want_var = np_batchnorm_train(x, scale, bias, ra_mean, ra_var, mask, unbiased)
+  tol = sum_rtol(30)
+  np.testing.assert_allclose(np.asarray(y)[mask], want_y[mask], rtol=tol, atol=tol * 4)
+  np.testing.assert_allclose(new['batch_stats']['mean'], want_mean, rtol=tol, atol=tol * 4)
+  np.testing.assert_allclose(new['batch_stats']['var'], want_var, rtol=tol)
+  # n/(n-1) = 30/29 is 3.4% here: the unbiased and biased trackers are told apart.
+  other = np_batchnorm_train(x, scale, bias, ra_mean, ra_var, mask, not unbiased)[2]
+  assert np.all(np.abs(np.asarray(new['batch_stats']['var']) - other) > 100 * tol * other)
+  # Inference normalises with the running statistics.
+  y_eval = bn.apply(variables, jnp.asarray(x), False)
+  want_eval = (x - ra_mean) / np.sqrt(ra_var + 1e-5) * scale + bias
+  np.testing.assert_allclose(y_eval, want_eval, rtol=1e-5, atol=1e-5)
+
+
+def test_biased_batchnorm_is_flax_batchnorm():
+  """unbiased=False is flax's nn.BatchNorm (what the model used before it followed torch)."""
+  x = jax.random.normal(jax.random.PRNGKey(3), (4, 8, 8, 5)) * 3 + 1
+  mask = jnp.array([1, 1, 1, 0], bool).reshape(-1, 1, 1, 1)
+  ours = models.BatchNorm(unbiased=False)
+  theirs = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
+  v = ours.init(jax.random.PRNGKey(0), x, False)
+  y1, s1 = ours.apply(v, x, True, mask, mutable=['batch_stats'])
+  y2, s2 = theirs.apply(v, x, mask=mask, mutable=['batch_stats'])
+  tol = sum_rtol(3 * 8 * 8)   # flax reduces E[x^2] - E[x]^2, ours (x - mean)^2: same sum size
+  np.testing.assert_allclose(y1[:3], y2[:3], rtol=tol, atol=tol * 10)
+  assert_tree_close(s1, s2, rtol=tol, atol_rel=tol)
+
+
+def test_conv_biases_follow_torch_default_init():
+  """torch.nn.Conv2d: bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in_ch * kh * kw."""
+  params, _ = models.init(models.UNet2D(base=8, levels=3), jax.random.PRNGKey(0), (16, 16, 3))
+  kernels = {models.path_keys(p)[:-1]: k for p, k in jax.tree_util.tree_leaves_with_path(params)
+             if models.path_keys(p)[-1] == 'kernel'}
+  seen = 0
+  for path, b in jax.tree_util.tree_leaves_with_path(params):
+    keys = models.path_keys(path)
+    if keys[-1] != 'bias' or models.BN in keys:
+      continue
+    kh, kw, cin, _ = kernels[keys[:-1]].shape
+    bound = 1.0 / np.sqrt(cin * kh * kw)
+    b = np.asarray(b)
+    assert np.all(np.abs(b) <= bound), keys
+    assert np.abs(b).max() > 0.3 * bound and len(set(b.tolist())) == b.size, keys   # spread, distinct
+    seen += 1
+  assert seen == 3 * 3 + (2 + 3) + 1   # 3 per encoder level; decoder up+out, then in+up+out; head
+  zeros, _ = models.init(models.UNet2D(base=8, levels=3, bias_init='zeros'), jax.random.PRNGKey(0),
+                         (16, 16, 3))
+  assert all(not np.any(np.asarray(b)) for p, b in jax.tree_util.tree_leaves_with_path(zeros)
+             if models.path_keys(p)[-1] == 'bias' and models.BN not in models.path_keys(p))
+  with pytest.raises(ValueError, match='bias_init'):
+    models.init(models.UNet2D(base=2, levels=2, bias_init='he'), jax.random.PRNGKey(0), (8, 8, 3))
 
 
 def test_path_predicates():

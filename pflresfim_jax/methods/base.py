@@ -236,7 +236,8 @@ def compose(method: Method) -> Algorithm:
     previous = state['local_mask']
     state, agg_mask, loss = client(state, data['train'], bank, train_keys, stats_keys, rnd,
                                    jnp.arange(k_clients))
-    weights = data['train']['count'].astype(jnp.float32)
+    weights = aggregate.client_weights(data['train']['count'], cfg.batch_size,
+                                       cfg.aggregate_weights)
     state, info = method.aggregate(state, agg_mask, weights, rnd)
     if method.dynamic_mask:   # how much of each client's local set carried over
       info['mask_kept'] = masks.kept(previous, state['local_mask'])
