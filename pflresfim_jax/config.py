@@ -23,7 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.lr = 1e-3
   c.lr_schedule = 'step'         # 'step': halve every T/4 rounds; 'constant'
   c.weight_decay = 5e-4          # L2 coupled into Adam (add_decayed_weights before adam)
-  c.aggregate_weights = 'examples'  # server weights: 'batches' per epoch (reference) or 'examples'
+  c.aggregate_weights = 'batches'  # server weights: 'batches' per epoch (reference) or 'examples'
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'vessel'
