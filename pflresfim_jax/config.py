@@ -46,7 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.base = config_dict.placeholder(int)  # None: paper_base on real data, phantom.model_base on the phantom
   c.model.paper_base = 16
   c.model.levels = 5    # UNet2D resolution levels; 5 is the reference (fewer: smaller, faster to compile)
-  c.model.bias_init = 'zeros'   # conv biases: 'torch' (Conv2d default, the reference) or 'zeros'
+  c.model.bias_init = 'torch'   # conv biases: 'torch' (Conv2d default, the reference) or 'zeros'
   c.model.bn_unbiased = False    # BatchNorm tracks the unbiased batch variance, as torch does
 
   c.augment = ml_collections.ConfigDict()
