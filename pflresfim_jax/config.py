@@ -47,7 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.paper_base = 16
   c.model.levels = 5    # UNet2D resolution levels; 5 is the reference (fewer: smaller, faster to compile)
   c.model.bias_init = 'torch'   # conv biases: 'torch' (Conv2d default, the reference) or 'zeros'
-  c.model.bn_unbiased = False    # BatchNorm tracks the unbiased batch variance, as torch does
+  c.model.bn_unbiased = True    # BatchNorm tracks the unbiased batch variance, as torch does
 
   c.augment = ml_collections.ConfigDict()
   c.augment.flip = True
