@@ -6,7 +6,7 @@ def get_config():
   config = base_config()
   config.data.name = 'gland'
   config.data.image_size = (192, 384)
-  config.lr = 1e-3
+  config.paper_lr = 1e-3
   config.lr_schedule = 'step'
   config.augment.rot90 = False
   return config

@@ -7,7 +7,7 @@ def get_config():
   config.data.name = 'prostate'
   config.data.image_size = (256, 256)
   config.data.adjacent_slices = False   # True: 3 neighbouring slices as channels
-  config.lr = 1e-4
+  config.paper_lr = 1e-4
   config.lr_schedule = 'constant'
   config.augment.rot90 = True
   return config

@@ -10,7 +10,7 @@ def get_config():
   config = base_config()
   config.data.name = 'vessel'
   config.data.image_size = (256, 256)
-  config.lr = 1e-3
+  config.paper_lr = 1e-3
   config.lr_schedule = 'step'
   config.augment.rot90 = True
   return config

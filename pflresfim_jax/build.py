@@ -59,6 +59,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   on_phantom = config.data.root is None and not config.data.clients
   if config.rounds is None:
     config.rounds = config.phantom.rounds if on_phantom else config.paper_rounds
+  if config.lr is None:
+    config.lr = config.phantom.lr if on_phantom else config.paper_lr
   if config.model.base is None:
     config.model.base = config.phantom.model_base if on_phantom else config.model.paper_base
   parse_methods(config.method)

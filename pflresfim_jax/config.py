@@ -20,7 +20,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.paper_rounds = 200           # T
   c.local_epochs = 2             # E
   c.batch_size = 8
-  c.lr = 1e-3
+  c.lr = config_dict.placeholder(float)  # None: paper_lr on real data, phantom.lr on the phantom
+  c.paper_lr = 1e-3
   c.lr_schedule = 'step'         # 'step': halve every T/4 rounds; 'constant'
   c.weight_decay = 5e-4          # L2 coupled into Adam (add_decayed_weights before adam)
   c.aggregate_weights = 'batches'  # server weights: 'batches' per epoch (reference) or 'examples'
@@ -35,7 +36,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.phantom = ml_collections.ConfigDict()
   c.phantom.image_size = 64
-  c.phantom.rounds = 12
+  c.phantom.rounds = 16
+  c.phantom.lr = 3e-3  # faster than the paper's 1e-3 so the short phantom run segments (see README)
   c.phantom.model_base = 8
   c.phantom.num_sites = 6
   c.phantom.seed = 0
@@ -162,10 +164,10 @@ _FLAG = _one_of(True, False, 'true', 'false')
 RULES = {
     'rounds': _number(1, integer=True, none=True),   # None: filled by build.resolve
     'paper_rounds': _INT1, 'local_epochs': _INT0, 'batch_size': _INT1,
-    'lr': _number(0.0, open_lo=True), 'lr_schedule': _one_of('step', 'constant'),
+    'lr': _number(0.0, open_lo=True, none=True), 'paper_lr': _number(0.0, open_lo=True), 'lr_schedule': _one_of('step', 'constant'),
     'weight_decay': _number(0.0), 'aggregate_weights': _one_of('batches', 'examples'),
     'data.name': _one_of('vessel', 'prostate', 'gland'), 'data.image_size': _image_size,
-    'phantom.image_size': _image_size, 'phantom.rounds': _INT1, 'phantom.model_base': _INT1,
+    'phantom.image_size': _image_size, 'phantom.rounds': _INT1, 'phantom.lr': _number(0.0, open_lo=True), 'phantom.model_base': _INT1,
     'phantom.shift': _one_of('mixed', 'style', 'label'),   # phantom.SHIFTS
     'phantom.num_sites': _INT1,   # its upper end (the phantom's site count) is checked by phantom.load
     'model.name': _one_of('unet'), 'model.base': _number(1, integer=True, none=True),

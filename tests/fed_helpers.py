@@ -9,6 +9,7 @@ from pflresfim_jax.data import phantom
 def tiny_config(**overrides):
   c = config_lib.base_config()
   c.rounds = 2
+  c.lr = 1e-3
   c.local_epochs = 1
   c.batch_size = 4
   c.model.base = 2

@@ -31,11 +31,14 @@ def test_resolve_picks_phantom_or_paper_defaults():
   c = config_lib.base_config()
   r = build.resolve(c)
   assert r.rounds == c.phantom.rounds and r.model.base == c.phantom.model_base
+  assert r.lr == c.phantom.lr
   c.data.root = '/somewhere'
   r = build.resolve(c)
-  assert r.rounds == c.paper_rounds and r.model.base == 16
-  c.rounds = 7
-  assert build.resolve(c).rounds == 7
+  assert r.rounds == c.paper_rounds and r.model.base == 16 and r.lr == c.paper_lr
+  c.rounds, c.lr = 7, 5e-4
+  assert build.resolve(c).rounds == 7 and build.resolve(c).lr == 5e-4
+  c.data.root = None
+  assert build.resolve(c).lr == 5e-4      # an explicit lr wins on the phantom too
   c.engine.precision = 'fp8'
   with pytest.raises(ValueError, match='engine.precision'):
     build.resolve(c)

@@ -46,7 +46,7 @@ def test_config_diff_names_fields_and_ignores_bookkeeping():
   a = json.loads(config_lib.base_config().to_json_best_effort())
   b = json.loads(config_lib.base_config().to_json_best_effort())
   assert checkpoint.config_diff(a, b) == []
-  b['lr'], b['resfim']['ratio'] = 0.5, 0.3
+  a['lr'], b['lr'], b['resfim']['ratio'] = 0.001, 0.5, 0.3
   b['method'], b['seeds'], b['checkpoint']['every'], b['resume'] = 'fedavg', '0,1', 1, False
   diff = checkpoint.config_diff(a, b)
   assert len(diff) == 2 and diff[0].startswith('lr: 0.001') and diff[1].startswith('resfim.ratio: 0.2')

@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One bad value per rule (a table over the whole config): each must be refused by
 # build.resolve, before anything is loaded or traced, naming its full field.
 BAD = [
-    ('rounds', 0), ('paper_rounds', -1), ('local_epochs', -1), ('batch_size', 0), ('lr', 0.0),
+    ('rounds', 0), ('paper_rounds', -1), ('local_epochs', -1), ('batch_size', 0), ('lr', 0.0), ('paper_lr', -1e-3), ('phantom.lr', 0.0),
     ('lr_schedule', 'cosine'), ('weight_decay', -1e-4), ('data.name', 'retina'),
     ('data.image_size', (250, 256)), ('data.split_seed', -1), ('phantom.image_size', 40),
     ('phantom.rounds', 0), ('phantom.model_base', 0), ('phantom.num_sites', 0), ('phantom.seed', -2), ('phantom.shift', 'both'),

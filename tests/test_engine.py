@@ -160,7 +160,7 @@ def test_round_schedule_halves_every_quarter_or_stays():
   sched = engine.round_schedule(cfg, 20)
   got = [float(sched(jnp.int32(r))) for r in range(20)]
   assert got == [np.float32(1e-3) * 0.5 ** (r // 5) for r in range(20)]   # exact: powers of 2
-  const = engine.round_schedule(build.resolve(base_with(lr_schedule='constant')), 20)
+  const = engine.round_schedule(build.resolve(base_with(lr=1e-3, lr_schedule='constant')), 20)
   assert float(const(jnp.int32(13))) == 1e-3
   with pytest.raises(ValueError, match='config.lr_schedule'):
     engine.round_schedule(base_with(lr_schedule='cosine'), 20)

@@ -184,7 +184,7 @@ def test_workdir_with_another_config_is_refused(tmp_path, capsys):
   (tmp_path / 'pfl_resfim' / 'seed0' / 'metrics.jsonl').write_text('{}\n')
   with pytest.raises(ValueError) as e:
     train.prepare_workdir(build.resolve(b), str(tmp_path))
-  assert 'rounds: 12 in the workdir, 20 now' in str(e.value) and 'lr: 0.001' in str(e.value)
+  assert 'rounds: 16 in the workdir, 20 now' in str(e.value) and 'lr: 0.003' in str(e.value)
   assert 'resume=false' in str(e.value)
   c = config_lib.base_config()
   c.method, c.seeds, c.checkpoint.every = 'fedavg', '0,1', 2     # do not change results: resumable
@@ -193,7 +193,7 @@ def test_workdir_with_another_config_is_refused(tmp_path, capsys):
   fresh = train.prepare_workdir(build.resolve(b), str(tmp_path))
   assert fresh == str(tmp_path / 'run-2')
   assert json.loads((tmp_path / 'run-2' / 'config.json').read_text())['rounds'] == 20
-  assert json.loads(saved)['rounds'] == json.loads((tmp_path / 'config.json').read_text())['rounds'] == 12
+  assert json.loads(saved)['rounds'] == json.loads((tmp_path / 'config.json').read_text())['rounds'] == 16
 
 
 def test_full_workdir_fails_before_training(tmp_path, monkeypatch):
