@@ -6,6 +6,7 @@ functions the trainer (train.py) and a deployment (deploy.py) run. A method is a
 
   local, fedavg, siobn, fedbn, fedper, lg_fedavg   methods/simple.py (a static mask)
   fedprox   methods/fedprox.py      fedrep   methods/fedrep.py
+  moon      methods/moon.py
   fedcac    methods/fedcac.py       ditto    methods/ditto.py
   fedrod    methods/fedrod.py       pfl_resfim  methods/pfl_resfim.py
 
@@ -30,6 +31,7 @@ from pflresfim_jax.methods.fedcac import FedCAC
 from pflresfim_jax.methods.fedprox import FedProx
 from pflresfim_jax.methods.fedrep import FedRep
 from pflresfim_jax.methods.fedrod import FedRoD
+from pflresfim_jax.methods.moon import MOON
 from pflresfim_jax.methods.pfl_resfim import PFLResFIM
 from pflresfim_jax.methods.simple import FedAvg, FedBN, FedPer, LGFedAvg, Local, SiloBN
 
@@ -39,7 +41,7 @@ __all__ = ['Algorithm', 'Context', 'Contract', 'Method', 'build', 'client_keys',
 Factory = Callable[[Context], Method]
 
 _REGISTRY: Dict[str, Factory] = {
-    'local': Local, 'fedavg': FedAvg, 'fedprox': FedProx, 'fedbn': FedBN, 'siobn': SiloBN,
+    'local': Local, 'fedavg': FedAvg, 'fedprox': FedProx, 'moon': MOON, 'fedbn': FedBN, 'siobn': SiloBN,
     'fedper': FedPer, 'fedrep': FedRep, 'lg_fedavg': LGFedAvg, 'fedcac': FedCAC,
     'ditto': Ditto, 'fedrod': FedRoD, 'pfl_resfim': PFLResFIM,
 }
