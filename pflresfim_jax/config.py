@@ -9,7 +9,7 @@ import ml_collections
 from ml_collections import config_dict
 
 METHODS = ('local', 'fedavg', 'fedprox', 'moon', 'fedbn', 'siobn', 'fedper', 'fedrep', 'lg_fedavg',
-           'fedcac', 'ditto', 'fedrod', 'pfl_resfim')
+           'fedcac', 'ditto', 'fedrod', 'pn', 'pfl_resfim')
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -86,14 +86,43 @@ class BatchNorm(nn.Module):
     return y.astype(self.dtype)
 
 
+class PopulationNorm(nn.Module):
+  """Population Normalization (FL-MedSegBench models_dict/unet2d.py
+  ``PopulationNormalization``): the batch is normalised, in training as in inference,
+  by a learned per-channel mean ``pop_mean`` (init 0) and variance ``pop_gamma`` (init
+  1), then scaled and shifted: ``(x - pop_mean) / sqrt(pop_gamma + eps) * scale + bias``.
+  No batch statistics enter the output; the reference's running mean/var buffers, which
+  nothing reads, are not kept. ``train`` and ``mask`` are accepted for BatchNorm's call.
+  """
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False, mask: Optional[Array] = None) -> Array:
+    del train, mask
+    c = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    mean = self.param('pop_mean', nn.initializers.zeros, (c,), jnp.float32)
+    var = self.param('pop_gamma', nn.initializers.ones, (c,), jnp.float32)
+    y = (x.astype(jnp.float32) - mean) / jnp.sqrt(var + self.epsilon) * scale + bias
+    return y.astype(self.dtype)
+
+
+NORMS = ('bn', 'pn')
+
+
 class ConvBN(nn.Module):
-  """conv (with bias) -> BatchNorm -> optional ReLU."""
+  """conv (with bias) -> BatchNorm (or PopulationNorm: ``norm='pn'``) -> optional ReLU.
+
+  Either normalisation is the child named ``'bn'``."""
   features: int
   kernel: int = 3
   relu: bool = True
   dtype: Any = jnp.float32
   bias_init: str = 'torch'
   bn_unbiased: bool = True
+  norm: str = 'bn'
 
   @nn.compact
   def __call__(self, x: Array, train: bool, mask: Optional[Array] = None) -> Array:
@@ -102,8 +131,13 @@ class ConvBN(nn.Module):
                 kernel_init=kaiming_fan_out, bias_init=conv_bias_init(self.bias_init, fan_in),
                 dtype=self.dtype, name='conv')(x)
     # Statistics and normalisation in float32 whatever the compute dtype.
-    x = BatchNorm(momentum=0.9, epsilon=1e-5, unbiased=self.bn_unbiased, dtype=self.dtype,
-                  name=BN)(x, train, mask)
+    if self.norm == 'pn':
+      x = PopulationNorm(epsilon=1e-5, dtype=self.dtype, name=BN)(x)
+    elif self.norm == 'bn':
+      x = BatchNorm(momentum=0.9, epsilon=1e-5, unbiased=self.bn_unbiased, dtype=self.dtype,
+                    name=BN)(x, train, mask)
+    else:
+      raise ValueError(f'UNet2D norm must be one of {NORMS}, got {self.norm!r}')
     return nn.relu(x) if self.relu else x
 
 
@@ -126,6 +160,9 @@ class UNet2D(nn.Module):
       float32).
     levels: resolution levels (reference: 5, four poolings); fewer make a smaller
       network that compiles faster (the tests use 3).
+    bias_init: conv biases, 'torch' (the reference) or 'zeros' (:func:`conv_bias_init`).
+    bn_unbiased: BatchNorm tracks the unbiased batch variance (torch) or the biased one.
+    norm: 'bn' (BatchNorm, the reference) or 'pn' (:class:`PopulationNorm`, the PN method).
 
   Call: ``apply(variables, x [N, H, W, Cin], train, mask=None, features=False)``
   returns logits ``[N, H, W, out]`` (and the last decoder feature map
@@ -139,6 +176,7 @@ class UNet2D(nn.Module):
   levels: int = 5
   bias_init: str = 'torch'
   bn_unbiased: bool = True
+  norm: str = 'bn'
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False, mask: Optional[Array] = None,
@@ -151,7 +189,7 @@ class UNet2D(nn.Module):
                        f'{2 ** (depth - 1)}, got {x.shape[1:3]}')
     bmask = None if mask is None else mask.reshape(-1, 1, 1, 1)
     block = lambda f, name, k=3, relu=True: ConvBN(f, k, relu, self.dtype, self.bias_init,
-                                                   self.bn_unbiased, name=name)
+                                                   self.bn_unbiased, self.norm, name=name)
     x = x.astype(self.dtype)
     widths = [n * 2 ** i for i in range(depth)]         # reference: n, 2n, 4n, 8n, 16n
     skips = []

@@ -6,7 +6,7 @@ functions the trainer (train.py) and a deployment (deploy.py) run. A method is a
 
   local, fedavg, siobn, fedbn, fedper, lg_fedavg   methods/simple.py (a static mask)
   fedprox   methods/fedprox.py      fedrep   methods/fedrep.py
-  moon      methods/moon.py
+  moon      methods/moon.py         pn       methods/pn.py
   fedcac    methods/fedcac.py       ditto    methods/ditto.py
   fedrod    methods/fedrod.py       pfl_resfim  methods/pfl_resfim.py
 
@@ -33,6 +33,7 @@ from pflresfim_jax.methods.fedrep import FedRep
 from pflresfim_jax.methods.fedrod import FedRoD
 from pflresfim_jax.methods.moon import MOON
 from pflresfim_jax.methods.pfl_resfim import PFLResFIM
+from pflresfim_jax.methods.pn import PN
 from pflresfim_jax.methods.simple import FedAvg, FedBN, FedPer, LGFedAvg, Local, SiloBN
 
 __all__ = ['Algorithm', 'Context', 'Contract', 'Method', 'build', 'client_keys', 'get',
@@ -43,7 +44,7 @@ Factory = Callable[[Context], Method]
 _REGISTRY: Dict[str, Factory] = {
     'local': Local, 'fedavg': FedAvg, 'fedprox': FedProx, 'moon': MOON, 'fedbn': FedBN, 'siobn': SiloBN,
     'fedper': FedPer, 'fedrep': FedRep, 'lg_fedavg': LGFedAvg, 'fedcac': FedCAC,
-    'ditto': Ditto, 'fedrod': FedRoD, 'pfl_resfim': PFLResFIM,
+    'ditto': Ditto, 'fedrod': FedRoD, 'pn': PN, 'pfl_resfim': PFLResFIM,
 }
 assert tuple(_REGISTRY) == METHODS, 'config.METHODS lists the built-in methods in table order'
 
