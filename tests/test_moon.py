@@ -8,6 +8,7 @@ from pflresfim_jax.clients import engine
 from pflresfim_jax.methods import moon
 from fed_helpers import setup
 from helpers import assert_tree_close, sum_rtol
+from test_methods import one_round
 
 
 def np_contrastive(z, zg, zp, t):
@@ -83,14 +84,7 @@ def test_round_zero_term_is_log2_and_adds_no_gradient():
 
 
 def test_previous_model_is_the_trained_one_before_aggregation():
-  cfg, fed, algo, data, bank = setup('moon')
-  state0 = jax.jit(algo.init)(jax.random.PRNGKey(0))
-  k = fed.num_clients
-  keys = [jax.random.split(jax.random.PRNGKey(i), k) for i in (1, 2)]
-  trained, agg_mask, _ = jax.jit(algo.client)(state0, data['train'], bank, *keys, jnp.int32(0),
-                                              jnp.arange(k))
-  weights = data['train']['count'].astype(jnp.float32)
-  after, _ = jax.jit(algo.aggregate)(trained, agg_mask, weights, jnp.int32(0))
+  _, trained, after, _, _ = one_round('moon')
   prev = after['personal']['prev']
   jax.tree.map(np.testing.assert_array_equal, prev['params'], trained['params'])
   jax.tree.map(np.testing.assert_array_equal, prev['batch_stats'], trained['batch_stats'])
