@@ -51,7 +51,7 @@ def masked_mean(stacked_params: PyTree, local_mask: PyTree,
     stacked_params: pytree of ``[K, ...]`` arrays.
     local_mask: bool pytree, each leaf broadcastable to its parameter leaf
       (``[K, ...]`` per client, or ``[...]`` shared by all clients).
-    weights: ``[K]`` client weights (e.g. training-set sizes; 0 = absent client);
+    weights: ``[K]`` client weights (client_weights; 0 = absent client);
       None: equal weights.
 
   Returns:

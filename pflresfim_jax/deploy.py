@@ -326,7 +326,8 @@ class Hospital:
 
     The upload holds the shared parameter entries (bit-packed mask + values), the
     mask kept local (for the server's mask statistics), BatchNorm statistics where
-    the method averages them, the training-set size (the weight) and the loss.
+    the method averages them, the aggregation weight (aggregate.client_weights of the
+    training-set size) and the loss.
     """
     state, done = self.committed()
     if done >= rnd:

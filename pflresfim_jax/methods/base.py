@@ -68,7 +68,8 @@ class Contract:
   """What a method sends over the wire (deploy.py and flower.py read only this).
 
   Every upload also carries the client's ``agg_mask``, its ``local_mask`` (for the
-  server's statistics), its weight (training-set size) and its training loss.
+  server's statistics), its aggregation weight (aggregate.client_weights) and its
+  training loss.
 
   Attributes:
     params: the parameter entries a client uploads, and gets back after the mean:
