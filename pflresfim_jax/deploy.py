@@ -361,16 +361,24 @@ class Server:
     method: a registered method name or module:Class spec (methods.get).
     num_clients: K.
     image_shape: (H, W, C) of the federation (to build the parameter shapes).
+    seed: run seed: a method with server state (Method.server_init) starts it from the
+      initial model, as every client does.
   """
 
-  def __init__(self, config, method: str, num_clients: int, image_shape: Sequence[int]):
+  def __init__(self, config, method: str, num_clients: int, image_shape: Sequence[int],
+               seed: int = 0):
     self.config, self.method, self.num_clients = config, method, num_clients
     self.algo = build.algorithm(config, method, num_clients, image_shape)
     self.contract = self.algo.contract
-    template = jax.eval_shape(self.algo.init, jax.random.PRNGKey(0))
+    k_init, _ = methods.run_keys(seed)
+    template = jax.eval_shape(self.algo.init, k_init)
     one = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), t)
     self.params = one(template['params'])
     self.batch_stats = one(template['batch_stats'])
+    self.server_state = None   # one copy of state['server'], kept between rounds
+    if 'server' in template:
+      init = jax.jit(self.algo.init)(k_init)['server']
+      self.server_state = jax.tree.map(lambda x: np.asarray(x)[0], init)
     self._aggregate = jax.jit(self.algo.aggregate)
 
   def bank(self, windows: Dict[int, Flat]) -> Dict[str, np.ndarray]:
@@ -408,7 +416,12 @@ class Server:
         jax.tree.map(lambda dst, src: dst.__setitem__(i, src), stats, s)
       weights[i] = float(up['weight'])
     state = {'params': params, 'batch_stats': stats, 'local_mask': local}
+    if self.server_state is not None:
+      state['server'] = jax.tree.map(lambda x: np.broadcast_to(x, (k, *x.shape)),
+                                     self.server_state)
     state, info = self._aggregate(state, agg, jnp.asarray(weights), jnp.int32(rnd))
+    if self.server_state is not None:
+      self.server_state = jax.tree.map(lambda x: np.asarray(x)[0], state['server'])
     out = {}
     for i in uploads:
       mine = lambda t: jax.tree.map(lambda x: np.asarray(x)[i], t)
@@ -545,7 +558,7 @@ def serve(config, method: str, seed: int, num_clients: int, send, min_clients: i
   names = {k: m['name'] for k, (m, _) in replies.items()}
   # Example slots per split: what the simulator's stacking pads every client to.
   base['slots'] = {s: max(m['counts'][s] for m, _ in replies.values()) for s in federation.SPLITS}
-  server = Server(config, method, num_clients, shapes.pop())
+  server = Server(config, method, num_clients, shapes.pop(), seed)
   bank = server.bank({k: a for k, (_, a) in replies.items()})
   bank_arrays = prefixed('bank', bank)
   base['bank'] = hashlib.sha256(b''.join(np.ascontiguousarray(bank[n]).tobytes()

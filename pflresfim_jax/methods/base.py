@@ -7,7 +7,10 @@ functions over a state dict whose every leaf has a leading client axis ``K``:
   global model; FedRoD: the shared body + generic head);
 * 'opt': optimizer states by phase ('main'; FedRep: 'head' and 'body');
 * 'local_mask': bool like 'params', True = entry kept local in the last aggregation;
-* 'personal': what only the client has (Ditto's personal model, FedRoD's head).
+* 'personal': what only the client has (Ditto's personal model, FedRoD's head);
+* 'server' (only for a method whose :meth:`Method.server_init` returns something):
+  what the server keeps between rounds (FedNova: the last global model), identical
+  on every client slot; clients never read it, and a deployed server keeps one copy.
 
 The five parts, in the order of a round::
 
@@ -114,13 +117,20 @@ class Method:
 
   # ------------------------------------------------------------- the protocol
   def init(self, key: Array) -> State:
-    return masks.stack(self.init_client(key), self.num_clients)
+    client = self.init_client(key)
+    server = self.server_init(client)
+    return masks.stack({**client, 'server': server} if server else client, self.num_clients)
 
   def init_client(self, key: Array) -> State:
     """One client's state (no client axis); every client starts from the same one."""
     params, stats = models.init(self.model, key, self.ctx.image_shape)
     return {'params': params, 'batch_stats': stats, 'opt': {'main': self.tx.init(params)},
             'local_mask': self.static_mask(params), 'personal': {}}
+
+  def server_init(self, client: State) -> PyTree:
+    """What the server keeps between rounds, from a client's initial state (no client
+    axis); :meth:`aggregate` reads and replaces ``state['server']``. Default: nothing."""
+    return {}
 
   def static_mask(self, params: PyTree) -> PyTree:
     """The entries kept local every round (bool like params)."""
@@ -149,8 +159,9 @@ class Method:
     contract shares them; info has 'local_fraction' [K] (and 'layer_fraction').
 
     A deployed server (deploy.Server) holds only what the contract sends: 'params'
-    (zeros outside the uploaded entries), 'batch_stats' (zeros unless shared) and
-    'local_mask'; an override must read nothing else of the state.
+    (zeros outside the uploaded entries), 'batch_stats' (zeros unless shared),
+    'local_mask' and 'server' (its own, where the method has one); an override must
+    read nothing else of the state.
     """
     params, info = self.mix(state['params'], agg_mask, weights, rnd)
     state = {**state, 'params': params}
