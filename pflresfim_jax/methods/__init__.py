@@ -7,7 +7,7 @@ functions the trainer (train.py) and a deployment (deploy.py) run. A method is a
   local, fedavg, siobn, fedbn, fedper, lg_fedavg   methods/simple.py (a static mask)
   fedprox   methods/fedprox.py      fedrep   methods/fedrep.py
   moon      methods/moon.py         pn       methods/pn.py
-  fednova   methods/fednova.py
+  fednova   methods/fednova.py      feddyn   methods/feddyn.py
   fedcac    methods/fedcac.py       ditto    methods/ditto.py
   fedrod    methods/fedrod.py       pfl_resfim  methods/pfl_resfim.py
 
@@ -29,6 +29,7 @@ from pflresfim_jax.methods.base import (Algorithm, Context, Contract, Method, cl
                                         compose, run_keys)
 from pflresfim_jax.methods.ditto import Ditto
 from pflresfim_jax.methods.fedcac import FedCAC
+from pflresfim_jax.methods.feddyn import FedDyn
 from pflresfim_jax.methods.fednova import FedNova
 from pflresfim_jax.methods.fedprox import FedProx
 from pflresfim_jax.methods.fedrep import FedRep
@@ -44,7 +45,7 @@ __all__ = ['Algorithm', 'Context', 'Contract', 'Method', 'build', 'client_keys',
 Factory = Callable[[Context], Method]
 
 _REGISTRY: Dict[str, Factory] = {
-    'local': Local, 'fedavg': FedAvg, 'fedprox': FedProx, 'fednova': FedNova, 'moon': MOON, 'fedbn': FedBN, 'siobn': SiloBN,
+    'local': Local, 'fedavg': FedAvg, 'fedprox': FedProx, 'fednova': FedNova, 'feddyn': FedDyn, 'moon': MOON, 'fedbn': FedBN, 'siobn': SiloBN,
     'fedper': FedPer, 'fedrep': FedRep, 'lg_fedavg': LGFedAvg, 'fedcac': FedCAC,
     'ditto': Ditto, 'fedrod': FedRoD, 'pn': PN, 'pfl_resfim': PFLResFIM,
 }
