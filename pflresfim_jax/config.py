@@ -8,7 +8,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-METHODS = ('local', 'fedavg', 'fedprox', 'fednova', 'feddyn', 'moon', 'fedbn', 'siobn', 'fedper', 'fedrep', 'lg_fedavg',
+METHODS = ('local', 'fedavg', 'fedprox', 'fednova', 'feddyn', 'scaffold', 'moon', 'fedbn', 'siobn', 'fedper', 'fedrep', 'lg_fedavg',
            'fedcac', 'ditto', 'fedrod', 'pn', 'pfl_resfim')
 
 

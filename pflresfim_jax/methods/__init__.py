@@ -8,6 +8,7 @@ functions the trainer (train.py) and a deployment (deploy.py) run. A method is a
   fedprox   methods/fedprox.py      fedrep   methods/fedrep.py
   moon      methods/moon.py         pn       methods/pn.py
   fednova   methods/fednova.py      feddyn   methods/feddyn.py
+  scaffold  methods/scaffold.py
   fedcac    methods/fedcac.py       ditto    methods/ditto.py
   fedrod    methods/fedrod.py       pfl_resfim  methods/pfl_resfim.py
 
@@ -37,6 +38,7 @@ from pflresfim_jax.methods.fedrod import FedRoD
 from pflresfim_jax.methods.moon import MOON
 from pflresfim_jax.methods.pfl_resfim import PFLResFIM
 from pflresfim_jax.methods.pn import PN
+from pflresfim_jax.methods.scaffold import Scaffold
 from pflresfim_jax.methods.simple import FedAvg, FedBN, FedPer, LGFedAvg, Local, SiloBN
 
 __all__ = ['Algorithm', 'Context', 'Contract', 'Method', 'build', 'client_keys', 'get',
@@ -45,7 +47,7 @@ __all__ = ['Algorithm', 'Context', 'Contract', 'Method', 'build', 'client_keys',
 Factory = Callable[[Context], Method]
 
 _REGISTRY: Dict[str, Factory] = {
-    'local': Local, 'fedavg': FedAvg, 'fedprox': FedProx, 'fednova': FedNova, 'feddyn': FedDyn, 'moon': MOON, 'fedbn': FedBN, 'siobn': SiloBN,
+    'local': Local, 'fedavg': FedAvg, 'fedprox': FedProx, 'fednova': FedNova, 'feddyn': FedDyn, 'scaffold': Scaffold, 'moon': MOON, 'fedbn': FedBN, 'siobn': SiloBN,
     'fedper': FedPer, 'fedrep': FedRep, 'lg_fedavg': LGFedAvg, 'fedcac': FedCAC,
     'ditto': Ditto, 'fedrod': FedRoD, 'pn': PN, 'pfl_resfim': PFLResFIM,
 }
