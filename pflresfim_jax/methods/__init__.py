@@ -8,7 +8,7 @@ functions the trainer (train.py) and a deployment (deploy.py) run. A method is a
   fedprox   methods/fedprox.py      fedrep   methods/fedrep.py
   moon      methods/moon.py         pn       methods/pn.py
   fednova   methods/fednova.py      feddyn   methods/feddyn.py
-  scaffold  methods/scaffold.py
+  scaffold  methods/scaffold.py     fedawa   methods/fedawa.py
   fedcac    methods/fedcac.py       ditto    methods/ditto.py
   fedrod    methods/fedrod.py       pfl_resfim  methods/pfl_resfim.py
 
@@ -29,6 +29,7 @@ from pflresfim_jax.config import METHODS
 from pflresfim_jax.methods.base import (Algorithm, Context, Contract, Method, client_keys,
                                         compose, run_keys)
 from pflresfim_jax.methods.ditto import Ditto
+from pflresfim_jax.methods.fedawa import FedAWA
 from pflresfim_jax.methods.fedcac import FedCAC
 from pflresfim_jax.methods.feddyn import FedDyn
 from pflresfim_jax.methods.fednova import FedNova
@@ -47,7 +48,7 @@ __all__ = ['Algorithm', 'Context', 'Contract', 'Method', 'build', 'client_keys',
 Factory = Callable[[Context], Method]
 
 _REGISTRY: Dict[str, Factory] = {
-    'local': Local, 'fedavg': FedAvg, 'fedprox': FedProx, 'fednova': FedNova, 'feddyn': FedDyn, 'scaffold': Scaffold, 'moon': MOON, 'fedbn': FedBN, 'siobn': SiloBN,
+    'local': Local, 'fedavg': FedAvg, 'fedprox': FedProx, 'fednova': FedNova, 'feddyn': FedDyn, 'scaffold': Scaffold, 'fedawa': FedAWA, 'moon': MOON, 'fedbn': FedBN, 'siobn': SiloBN,
     'fedper': FedPer, 'fedrep': FedRep, 'lg_fedavg': LGFedAvg, 'fedcac': FedCAC,
     'ditto': Ditto, 'fedrod': FedRoD, 'pn': PN, 'pfl_resfim': PFLResFIM,
 }
