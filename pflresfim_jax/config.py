@@ -8,7 +8,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-METHODS = ('local', 'fedavg', 'fedprox', 'fednova', 'feddyn', 'scaffold', 'fedawa', 'moon', 'fedbn', 'siobn', 'fedper', 'fedrep', 'lg_fedavg',
+METHODS = ('local', 'fedavg', 'fedprox', 'fednova', 'feddyn', 'scaffold', 'fedawa', 'fedlws', 'moon', 'fedbn', 'siobn', 'fedper', 'fedrep', 'lg_fedavg',
            'fedcac', 'ditto', 'fedrod', 'pn', 'pfl_resfim')
 
 
@@ -78,6 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.fedprox = ml_collections.ConfigDict({'mu': 1e-3})
   c.feddyn = ml_collections.ConfigDict({'mu': 0.01})   # FL-MedSegBench
   c.fedawa = ml_collections.ConfigDict({'lr': 1e-3})   # FL-MedSegBench: its server Adam's rate
+  c.fedlws = ml_collections.ConfigDict({'beta': 0.03, 'min_tau': 0.01, 'max_tau': 0.05})   # FL-MedSegBench Fundus scripts
   c.moon = ml_collections.ConfigDict({'mu': 0.01, 'temperature': 0.5})   # FL-MedSegBench
   c.ditto = ml_collections.ConfigDict({'mu': 1e-3, 'lr': 1e-4})
   c.fedrep = ml_collections.ConfigDict({'head_epochs': 1})   # interpretation
@@ -185,7 +186,8 @@ RULES = {
     'resfim.residual': _one_of('abs', 'relative'), 'resfim.eps': _number(0.0, open_lo=True),
     'resfim.every': _INT1, 'resfim.warmup_rounds': _INT0,
     'resfim.selector': _one_of('residual', 'fisher', 'inverse', 'random', 'fedcac'),   # selectors.SELECTORS
-    'fedprox.mu': _number(0.0), 'moon.mu': _number(0.0), 'feddyn.mu': _number(0.0, open_lo=True), 'fedawa.lr': _number(0.0, open_lo=True), 'moon.temperature': _number(0.0, open_lo=True), 'ditto.mu': _number(0.0), 'ditto.lr': _number(0.0, open_lo=True),
+    'fedprox.mu': _number(0.0), 'moon.mu': _number(0.0), 'feddyn.mu': _number(0.0, open_lo=True), 'fedawa.lr': _number(0.0, open_lo=True),
+    'fedlws.beta': _number(0.0), 'fedlws.min_tau': _number(0.0), 'fedlws.max_tau': _number(0.0), 'moon.temperature': _number(0.0, open_lo=True), 'ditto.mu': _number(0.0), 'ditto.lr': _number(0.0, open_lo=True),
     'fedrep.head_epochs': _INT0, 'fedcac.tau': _FRACTION, 'fedcac.beta': _number(0.0, open_lo=True),
     'engine.client_axis': _one_of('vmap', 'map', 'auto'),
     'engine.unroll': _one_of('auto', True, False, 'true', 'false'),

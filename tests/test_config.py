@@ -21,7 +21,7 @@ BAD = [
     ('spectral.lam_min', -0.1), ('spectral.lam_max', 1.5), ('spectral.share', 'all'),
     ('fisher.loss', 'hinge'), ('fisher.num_examples', 0), ('fisher.chunk_size', 0),
     ('resfim.ratio', 1.5), ('resfim.scope', 'layer'), ('resfim.residual', 'squared'),
-    ('resfim.eps', 0.0), ('resfim.every', 0), ('resfim.warmup_rounds', -1), ('fedprox.mu', -1.0), ('moon.mu', -0.1), ('feddyn.mu', 0.0), ('fedawa.lr', 0.0), ('moon.temperature', 0.0),
+    ('resfim.eps', 0.0), ('resfim.every', 0), ('resfim.warmup_rounds', -1), ('fedprox.mu', -1.0), ('moon.mu', -0.1), ('feddyn.mu', 0.0), ('fedawa.lr', 0.0), ('fedlws.beta', -1.0), ('fedlws.min_tau', -0.1), ('fedlws.max_tau', -0.1), ('moon.temperature', 0.0),
     ('resfim.selector', 'magic'),
     ('ditto.mu', -1.0), ('ditto.lr', 0.0), ('fedrep.head_epochs', -1), ('fedcac.tau', 2.0),
     ('fedcac.beta', 0.0), ('engine.client_axis', 'pmap'), ('engine.unroll', 'sometimes'),
