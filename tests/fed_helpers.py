@@ -53,6 +53,17 @@ def setup(method, **overrides):
   return cfg, fed, algo, data, bank
 
 
+def start(method, **overrides):
+  """setup() plus the initial state, the batch-count weights the round uses (jnp [K])
+  and their normalised float64 copy (the reference's agg_weights)."""
+  cfg, fed, algo, data, bank = setup(method, **overrides)
+  state = jax.jit(algo.init)(jax.random.PRNGKey(0))
+  counts = np.asarray(data['train']['count'])
+  weights = jax.numpy.asarray(np.ceil(counts / cfg.batch_size), jax.numpy.float32)
+  p = np.asarray(weights, np.float64) / float(np.sum(weights))
+  return cfg, fed, algo, data, bank, state, weights, p
+
+
 def leaves_equal_across_clients(tree):
   # Leaves the clients trained apart differ by far more than float noise (1e-5 relative).
   return [bool(np.allclose(x, x[:1], rtol=1e-5, atol=1e-6)) for x in jax.tree.leaves(tree)]

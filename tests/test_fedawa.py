@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pflresfim_jax.methods import fedawa
-from fed_helpers import setup
+from fed_helpers import start
 
 flat = lambda tree: np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
 
@@ -28,12 +28,8 @@ def np_fedawa_step(t, thetas, g, lr=1e-3, eps=1e-8):
 
 
 def test_two_rounds_learn_the_weights_as_the_reference():
-  cfg, fed, algo, data, bank = setup('fedawa')
+  cfg, fed, algo, data, bank, state, weights, t = start('fedawa')   # round 0: T = size weights
   k = fed.num_clients
-  state = jax.jit(algo.init)(jax.random.PRNGKey(0))
-  counts = np.asarray(data['train']['count'])
-  weights = jnp.asarray(np.ceil(counts / cfg.batch_size), jnp.float32)
-  t = np.asarray(weights, np.float64) / float(np.sum(weights))      # round 0: T = size weights
   g = flat(jax.tree.map(lambda x: x[0], state['params']))
   client, aggregate = jax.jit(algo.client), jax.jit(algo.aggregate)
   for rnd in range(2):

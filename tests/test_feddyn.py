@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pflresfim_jax.clients import engine
-from fed_helpers import setup
+from fed_helpers import setup, start
 from helpers import sum_rtol
 
 flat = lambda tree: np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
@@ -33,12 +33,8 @@ def test_client_loss_and_its_gradient_at_the_received_model():
 
 
 def test_two_rounds_against_the_reference_server_and_client_update():
-  cfg, fed, algo, data, bank = setup('feddyn')
+  cfg, fed, algo, data, bank, state, weights, p = start('feddyn')
   mu, k = cfg.feddyn.mu, fed.num_clients
-  state = jax.jit(algo.init)(jax.random.PRNGKey(0))
-  counts = np.asarray(data['train']['count'])
-  weights = jnp.asarray(np.ceil(counts / cfg.batch_size), jnp.float32)
-  p = np.asarray(weights, np.float64) / float(np.sum(weights))
   g = flat(jax.tree.map(lambda x: x[0], state['params']))
   h = np.zeros_like(g)
   old = [np.zeros_like(g) for _ in range(k)]

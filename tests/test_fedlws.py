@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pflresfim_jax.methods import fedlws
-from fed_helpers import setup
+from fed_helpers import start
 
 
 def np_fedlws_layer(thetas, g, p, beta=0.03, min_tau=0.01, max_tau=0.05):
@@ -26,12 +26,8 @@ def test_layers_are_modules():
 
 
 def test_two_rounds_against_the_reference():
-  cfg, fed, algo, data, bank = setup('fedlws')
+  cfg, fed, algo, data, bank, state, weights, p = start('fedlws')
   k = fed.num_clients
-  state = jax.jit(algo.init)(jax.random.PRNGKey(0))
-  counts = np.asarray(data['train']['count'])
-  weights = jnp.asarray(np.ceil(counts / cfg.batch_size), jnp.float32)
-  p = np.asarray(weights, np.float64) / float(np.sum(weights))
   paths = lambda tree: {tuple(str(x) for x in path): np.asarray(v, np.float64)
                         for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
   g = paths(jax.tree.map(lambda x: x[0], state['params']))
