@@ -39,6 +39,11 @@ def random_batch(n, size=16, seed=0):
   return {'image': jnp.asarray(image), 'label': jnp.asarray(label)}
 
 
+def flat64(tree) -> np.ndarray:
+  """Every leaf of a pytree, raveled in leaf order and concatenated, as float64."""
+  return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
+
+
 def assert_tree_close(got, want, *, rtol, atol_rel=0.0):
   """Leaf by leaf: ``|got - want| <= rtol * |want| + atol_rel * max|want|``.
 

@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pflresfim_jax.methods import fedawa
+from helpers import flat64 as flat
 from fed_helpers import start
 
-flat = lambda tree: np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
 
 
 def np_objective(t, thetas, g):

@@ -5,9 +5,8 @@ import numpy as np
 
 from pflresfim_jax.clients import engine
 from fed_helpers import setup, start
-from helpers import sum_rtol
+from helpers import flat64 as flat, sum_rtol
 
-flat = lambda tree: np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
 
 
 def test_client_loss_and_its_gradient_at_the_received_model():

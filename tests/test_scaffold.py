@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pflresfim_jax.clients import engine
+from helpers import flat64 as flat
 from fed_helpers import setup
 
-flat = lambda tree: np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
 
 
 def test_one_step_is_sgd_on_the_corrected_gradient():

@@ -167,7 +167,7 @@ class Method:
     state = {**state, 'params': params}
     if self.contract.batch_stats:
       state = {**state, 'batch_stats': aggregate.fedavg(state['batch_stats'], weights)}
-    info['local_fraction'] = jax.vmap(masks.fraction_true)(state['local_mask'])
+    info.update(local_fraction(state))
     if self.dynamic_mask:
       info['layer_fraction'] = jax.vmap(masks.module_fractions)(state['local_mask'])
       info['mask_overlap'] = _mean_overlap(masks.overlap(state['local_mask']), weights > 0)
@@ -198,6 +198,12 @@ class Method:
       return engine.local_train(step, c, a, d, k, lr, epochs, cfg.batch_size,
                                 cfg.augment.flip, cfg.augment.rot90, self.unroll)
     return self.over_clients(one, carry, aux, data, keys)
+
+
+def local_fraction(state: State) -> Dict[str, Array]:
+  """``{'local_fraction': [K]}``: each client's fraction of entries kept local, the
+  info every aggregation reports (an override of Method.aggregate returns it too)."""
+  return {'local_fraction': jax.vmap(masks.fraction_true)(state['local_mask'])}
 
 
 class Algorithm(NamedTuple):

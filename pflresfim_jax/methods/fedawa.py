@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pflresfim_jax import masks
+from pflresfim_jax import aggregate, masks
+from pflresfim_jax.methods.base import local_fraction
 from pflresfim_jax.methods.simple import FedAvg
 
 
@@ -57,11 +58,10 @@ class FedAWA(FedAvg):
     adam = optax.adam(self.config.fedawa.lr, b1=0.5, b2=0.999)
     updates, _ = adam.update(grad, adam.init(logits))
     logits = optax.apply_updates(logits, updates)
-    mean = lambda t: jax.tree.map(
-        lambda x: jnp.broadcast_to(jnp.tensordot(p, x, axes=1), x.shape).astype(x.dtype), t)
-    params, stats = mean(state['params']), mean(state['batch_stats'])
+    # temp / sum(probability_train), as the reference divides.
+    params, stats = aggregate.fedavg(state['params'], p), aggregate.fedavg(state['batch_stats'], p)
     new_server = {'logits': logits, 'started': jnp.ones((), bool),
                   'global': jax.tree.map(lambda x: x[0], params)}
     state = {**state, 'params': params, 'batch_stats': stats,
              'server': masks.stack(new_server, self.num_clients)}
-    return state, {'local_fraction': jax.vmap(masks.fraction_true)(state['local_mask'])}
+    return state, local_fraction(state)

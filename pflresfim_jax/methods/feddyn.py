@@ -20,19 +20,17 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from pflresfim_jax import masks
+from pflresfim_jax import aggregate, masks
+from pflresfim_jax.methods.base import local_fraction
 from pflresfim_jax.methods.simple import FedAvg
-
-
-def tree_vdot(a, b) -> jax.Array:
-  return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def tree_norm(a) -> jax.Array:
   """The L2 norm of a pytree, with gradient 0 at 0 (as torch.norm's backward; every
   round's first step starts at theta = g, where sqrt's own gradient is infinite)."""
-  sq = tree_vdot(a, a)
+  sq = optax.tree_utils.tree_vdot(a, a)
   return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
 
 
@@ -50,7 +48,8 @@ class FedDyn(FedAvg):
     def loss(params, stats, batch, mask, aux):
       value, new_stats = seg(params, stats, batch, mask)
       diff = jax.tree.map(jnp.subtract, params, aux['global'])
-      return value + 0.5 * mu * tree_norm(diff) - tree_vdot(params, aux['old_grad']), new_stats
+      linear = optax.tree_utils.tree_vdot(params, aux['old_grad'])
+      return value + 0.5 * mu * tree_norm(diff) - linear, new_stats
     self.loss = loss
 
   def init_client(self, key):
@@ -73,9 +72,7 @@ class FedDyn(FedAvg):
 
   def aggregate(self, state, agg_mask, weights, rnd):
     mu = self.config.feddyn.mu
-    p = weights / jnp.maximum(jnp.sum(weights), 1e-12)
-    w = lambda x: p.reshape((-1,) + (1,) * (x.ndim - 1))
-    mean = lambda t: jax.tree.map(lambda x: jnp.sum(w(x) * x, axis=0), t)
+    mean = lambda t: jax.tree.map(lambda x: x[0], aggregate.fedavg(t, weights))
     g_old, h = state['server']['global'], state['server']['h']
     delta = mean(jax.tree.map(jnp.subtract, state['params'], g_old))
     h = jax.tree.map(lambda hh, d: hh - mu * d, h, delta)
@@ -84,4 +81,4 @@ class FedDyn(FedAvg):
     state = {**state, 'params': params,
              'batch_stats': first_present(state['batch_stats'], weights),
              'server': {'h': h, 'global': params}}
-    return state, {'local_fraction': jax.vmap(masks.fraction_true)(state['local_mask'])}
+    return state, local_fraction(state)

@@ -24,7 +24,8 @@ from typing import Dict, List, Tuple
 import jax
 import jax.numpy as jnp
 
-from pflresfim_jax import masks
+from pflresfim_jax import aggregate, models
+from pflresfim_jax.methods.base import local_fraction
 from pflresfim_jax.methods.simple import FedAvg
 
 
@@ -33,7 +34,7 @@ def layers(tree) -> Dict[Tuple, List[int]]:
   without its last key (``('enc1_0', 'conv')`` holds kernel and bias)."""
   out: Dict[Tuple, List[int]] = {}
   for i, (path, _) in enumerate(jax.tree_util.tree_flatten_with_path(tree)[0]):
-    out.setdefault(tuple(str(k) for k in path[:-1]), []).append(i)
+    out.setdefault(models.path_keys(path)[:-1], []).append(i)
   return out
 
 
@@ -70,8 +71,6 @@ class FedLWS(FedAvg):
         mean = jnp.tensordot(p, leaves[i], axes=1) * gamma
         new[i] = jnp.broadcast_to(mean, leaves[i].shape).astype(leaves[i].dtype)
     params = jax.tree.unflatten(treedef, new)
-    stats = jax.tree.map(lambda x: jnp.broadcast_to(jnp.tensordot(p, x, axes=1), x.shape),
-                         state['batch_stats'])
-    state = {**state, 'params': params, 'batch_stats': stats,
-             'server': {'global': params}}
-    return state, {'local_fraction': jax.vmap(masks.fraction_true)(state['local_mask'])}
+    state = {**state, 'params': params, 'server': {'global': params},
+             'batch_stats': aggregate.fedavg(state['batch_stats'], weights)}
+    return state, local_fraction(state)

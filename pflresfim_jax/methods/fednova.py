@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pflresfim_jax import masks
+from pflresfim_jax.methods.base import local_fraction
 from pflresfim_jax.methods.simple import FedAvg
 
 
@@ -60,4 +60,4 @@ class FedNova(FedAvg):
     stats = normalised_mean(state['batch_stats'], g['batch_stats'], a)
     state = {**state, 'params': params, 'batch_stats': stats,
              'server': {'params': params, 'batch_stats': stats}}
-    return state, {'local_fraction': jax.vmap(masks.fraction_true)(state['local_mask'])}
+    return state, local_fraction(state)

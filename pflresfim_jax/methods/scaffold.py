@@ -23,10 +23,6 @@ import optax
 from pflresfim_jax.methods.simple import FedAvg
 
 
-def tree_vdot(a, b) -> jax.Array:
-  return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
 class Scaffold(FedAvg):
   def __init__(self, ctx):
     super().__init__(ctx)
@@ -36,7 +32,7 @@ class Scaffold(FedAvg):
     def loss(params, stats, batch, mask, control):
       # Gradient g - c_i (c = 0), value unchanged: the dot product minus itself held constant.
       value, new_stats = seg(params, stats, batch, mask)
-      dot = tree_vdot(params, control)
+      dot = optax.tree_utils.tree_vdot(params, control)
       return value - (dot - jax.lax.stop_gradient(dot)), new_stats
     self.loss = loss
 
