@@ -17,6 +17,7 @@ import numpy as np
 from pflresfim_jax import config as config_lib
 from pflresfim_jax import methods, models, spectral
 from pflresfim_jax.clients import sharding
+from pflresfim_jax.methods import fedrdn
 from pflresfim_jax.config import METHODS
 from pflresfim_jax.data import federation, phantom
 
@@ -100,18 +101,23 @@ def device_data(fed: federation.Federation, mesh=None) -> Dict[str, Dict[str, ja
 
 
 def spectral_bank(fed: federation.Federation, config, mesh=None) -> Dict[str, jax.Array]:
-  """The spectral bank: only low-frequency amplitude windows leave each client (replicated)."""
-  windows, owner = [], []
+  """The style bank (replicated): only low-frequency amplitude windows leave each client
+  ('windows' [M, ...], 'owner' [M]), and each client's per-channel image mean and std
+  ('channel_mean'/'channel_std' [num_clients, C]; read only by a method whose contract
+  asks for them, FedRDN; a deployment sends them only then)."""
+  windows, owner, stats = [], [], []
   for k in range(fed.num_clients):
     images, _ = fed.train.client(k)
     windows.append(np.asarray(spectral.amplitude_bank(jnp.asarray(images), config.spectral.ratio)))
     owner.append(np.full(len(images), k, np.int32))
+    stats.append(fedrdn.bank_entries(images))
   bank, owner = jnp.asarray(np.concatenate(windows)), jnp.asarray(np.concatenate(owner))
   if config.spectral.share == 'client_mean':
     bank, owner = spectral.client_mean_bank(bank, owner, fed.num_clients)
+  out = {'windows': np.asarray(bank), 'owner': np.asarray(owner)}
+  out.update({n: np.concatenate([s[n] for s in stats]) for n in stats[0]})
   # Host arrays: under jax.distributed each process places its own devices' copies.
-  return jax.device_put({'windows': np.asarray(bank), 'owner': np.asarray(owner)},
-                        sharding.replicated(mesh or sharding.client_mesh(1)))
+  return jax.device_put(out, sharding.replicated(mesh or sharding.client_mesh(1)))
 
 
 def algorithm(config, method: str, num_clients: int, image_shape: Sequence[int], mesh=None

@@ -9,8 +9,8 @@ import ml_collections
 from ml_collections import config_dict
 
 METHODS = ('local', 'fedavg', 'fedprox', 'fednova', 'feddyn', 'scaffold', 'fedawa',
-           'fedlws', 'moon', 'fedbn', 'siobn', 'fedper', 'fedrep', 'lg_fedavg', 'fedcac',
-           'ditto', 'fedrod', 'pn', 'pfl_resfim')
+           'fedlws', 'fedrdn', 'moon', 'fedbn', 'siobn', 'fedper', 'fedrep', 'lg_fedavg',
+           'fedcac', 'ditto', 'fedrod', 'pn', 'pfl_resfim')
 
 
 def base_config() -> ml_collections.ConfigDict:

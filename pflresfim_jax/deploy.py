@@ -47,6 +47,7 @@ import numpy as np
 
 from pflresfim_jax import aggregate, build, methods, spectral
 from pflresfim_jax.data import federation
+from pflresfim_jax.methods import fedrdn
 
 PyTree = Any
 Flat = Dict[str, np.ndarray]
@@ -276,12 +277,16 @@ class Hospital:
 
   # -- the two things a client is asked for
   def windows(self) -> Flat:
-    """Its style: low-frequency amplitude windows of its training images (METHOD.md 2)."""
+    """Its style: low-frequency amplitude windows of its training images (METHOD.md 2),
+    and its per-channel mean and std where the method's contract asks (FedRDN)."""
     images, _ = self.fed.train.client(0)
     w = spectral.amplitude_bank(jnp.asarray(images), self.config.spectral.ratio)
     if self.config.spectral.share == 'client_mean':
       w, _ = spectral.client_mean_bank(w, jnp.zeros(w.shape[0], jnp.int32), 1)
-    return {'windows': np.asarray(w)}
+    out = {'windows': np.asarray(w)}
+    if self.contract.channel_stats:
+      out.update(fedrdn.bank_entries(images))
+    return out
 
   def complete(self, rnd: int, values: Optional[Flat]) -> Optional[Dict[str, Any]]:
     """Apply the server's values for round ``rnd`` to the pending state and evaluate.
@@ -335,7 +340,7 @@ class Hospital:
     train_keys, stats_keys = methods.client_keys(jax.random.fold_in(self.k_run, rnd),
                                                  self.num_clients)
     k_train, k_stats = train_keys[self.index], stats_keys[self.index]
-    bank = {'windows': jnp.asarray(bank['windows']), 'owner': jnp.asarray(bank['owner'])}
+    bank = {n: jnp.asarray(v) for n, v in bank.items()}
     state, agg_mask, loss = self._client(state, self.data['train'], bank, k_train[None],
                                          k_stats[None], jnp.int32(rnd), jnp.asarray([self.index]))
     one = lambda t: jax.tree.map(lambda x: np.asarray(x)[0], t)
@@ -382,13 +387,22 @@ class Server:
     self._aggregate = jax.jit(self.algo.aggregate)
 
   def bank(self, windows: Dict[int, Flat]) -> Dict[str, np.ndarray]:
-    """The spectral bank from the clients' windows (client index -> its message)."""
+    """The style bank from the clients' windows (client index -> its message), in
+    client order: as build.spectral_bank, over the clients that replied."""
     parts, owner = [], []
     for k in sorted(windows):
       w = np.asarray(windows[k]['windows'], np.float32)
       parts.append(w)
       owner.append(np.full(len(w), k, np.int32))
-    return {'windows': np.concatenate(parts), 'owner': np.concatenate(owner)}
+    bank = {'windows': np.concatenate(parts), 'owner': np.concatenate(owner)}
+    if self.contract.channel_stats:
+      for n in ('channel_mean', 'channel_std'):
+        missing = [k for k in sorted(windows) if n not in windows[k]]
+        if missing:
+          raise ValueError(f'style replies of clients {missing} lack {n!r}, which '
+                           f'{self.method} needs (contract.channel_stats)')
+        bank[n] = np.concatenate([np.asarray(windows[k][n], np.float32) for k in sorted(windows)])
+    return bank
 
   def aggregate(self, rnd: int, uploads: Dict[int, Flat]
                 ) -> Tuple[Dict[int, Flat], Dict[str, Any]]:

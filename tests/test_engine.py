@@ -62,6 +62,19 @@ def test_padding_never_changes_the_model():
   np.testing.assert_allclose(l1, l2, rtol=tol)
 
 
+def test_every_step_gets_its_own_key():
+  # A step that records its batch's key: 3 epochs x 2 steps, all different (a loss
+  # that draws, FedRDN's, sees fresh randomness every batch).
+  def step(carry, aux, batch, mask, lr):
+    seen, n = carry
+    return (seen.at[n].set(batch['key']), n + 1), jnp.float32(0)
+  data = {**random_batch(8, size=4), 'count': jnp.int32(8)}
+  init = (jnp.zeros((6, 2), jnp.uint32), jnp.int32(0))
+  (seen, n), _ = jax.jit(lambda d, k: engine.local_train(step, init, None, d, k, 0.1, 3, 4))(
+      data, jax.random.PRNGKey(0))
+  assert int(n) == 6 and len({tuple(k) for k in np.asarray(seen).tolist()}) == 6
+
+
 def test_client_without_data_is_unchanged():
   b = random_batch(4)
   ((p, s, _), loss), (p0, s0) = _train({**b, 'count': jnp.int32(0)}, jax.random.PRNGKey(0))

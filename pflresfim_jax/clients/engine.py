@@ -208,7 +208,9 @@ def local_train(step: Callable, carry: PyTree, aux: PyTree, data: Mapping[str, A
   """``epochs`` passes over ONE client's training data.
 
   Args:
-    step: ``step(carry, aux, batch, mask, lr) -> (carry, loss)`` (e.g. :func:`train_step`).
+    step: ``step(carry, aux, batch, mask, lr) -> (carry, loss)`` (e.g. :func:`train_step`);
+      ``batch = {'image': [B,H,W,C], 'label': [B,H,W,1], 'key': PRNG key}``, the key
+      this step's own (for a loss that draws, e.g. FedRDN's statistics).
     carry: the client's trainable state.
     aux: constants of the round (e.g. a proximal anchor), passed to ``step``.
     data: ``{'image': [Nmax,H,W,C], 'label': [Nmax,H,W,1], 'count': []}``.
@@ -238,7 +240,8 @@ def local_train(step: Callable, carry: PyTree, aux: PyTree, data: Mapping[str, A
       mask = s * batch_size + jnp.arange(batch_size) < count
       keys = jax.random.split(jax.random.fold_in(k_aug, s), batch_size)
       x, y = jax.vmap(lambda k, a, b: augment(k, a, b, flip, rot90))(keys, images[idx], labels[idx])
-      new, loss = step(carry, aux, {'image': x, 'label': y}, mask, lr)
+      batch = {'image': x, 'label': y, 'key': jax.random.fold_in(k_order, s)}
+      new, loss = step(carry, aux, batch, mask, lr)
       active = s * batch_size < count
       carry = jax.tree.map(lambda n, o: jnp.where(active, n, o), new, carry)
       return (carry, total + jnp.where(active, loss, 0.0), taken + active), None

@@ -9,7 +9,7 @@ functions the trainer (train.py) and a deployment (deploy.py) run. A method is a
   moon      methods/moon.py         pn       methods/pn.py
   fednova   methods/fednova.py      feddyn   methods/feddyn.py
   scaffold  methods/scaffold.py     fedawa   methods/fedawa.py
-  fedlws    methods/fedlws.py
+  fedlws    methods/fedlws.py       fedrdn   methods/fedrdn.py
   fedcac    methods/fedcac.py       ditto    methods/ditto.py
   fedrod    methods/fedrod.py       pfl_resfim  methods/pfl_resfim.py
 
@@ -35,6 +35,7 @@ from pflresfim_jax.methods.fedcac import FedCAC
 from pflresfim_jax.methods.fedlws import FedLWS
 from pflresfim_jax.methods.feddyn import FedDyn
 from pflresfim_jax.methods.fednova import FedNova
+from pflresfim_jax.methods.fedrdn import FedRDN
 from pflresfim_jax.methods.fedprox import FedProx
 from pflresfim_jax.methods.fedrep import FedRep
 from pflresfim_jax.methods.fedrod import FedRoD
@@ -50,7 +51,9 @@ __all__ = ['Algorithm', 'Context', 'Contract', 'Method', 'build', 'client_keys',
 Factory = Callable[[Context], Method]
 
 _REGISTRY: Dict[str, Factory] = {
-    'local': Local, 'fedavg': FedAvg, 'fedprox': FedProx, 'fednova': FedNova, 'feddyn': FedDyn, 'scaffold': Scaffold, 'fedawa': FedAWA, 'fedlws': FedLWS, 'moon': MOON, 'fedbn': FedBN, 'siobn': SiloBN,
+    'local': Local, 'fedavg': FedAvg, 'fedprox': FedProx, 'fednova': FedNova,
+    'feddyn': FedDyn, 'scaffold': Scaffold, 'fedawa': FedAWA, 'fedlws': FedLWS,
+    'fedrdn': FedRDN, 'moon': MOON, 'fedbn': FedBN, 'siobn': SiloBN,
     'fedper': FedPer, 'fedrep': FedRep, 'lg_fedavg': LGFedAvg, 'fedcac': FedCAC,
     'ditto': Ditto, 'fedrod': FedRoD, 'pn': PN, 'pfl_resfim': PFLResFIM,
 }

@@ -11,10 +11,13 @@ functions over a state dict whose every leaf has a leading client axis ``K``:
 * 'server' (only for a method whose :meth:`Method.server_init` returns something):
   what the server keeps between rounds (FedNova: the last global model), identical
   on every client slot; clients never read it, and a deployed server keeps one copy.
+* 'inbox' (transient): what :meth:`Method.receive` took from the style bank for this
+  round (FedRDN: every client's channel statistics); dropped after client_stats.
 
-The five parts, in the order of a round::
+The parts, in the order of a round::
 
   init(key) -> state
+  receive(state, data, bank, ids [K]) -> state                         client
   train(state, data, keys [K], rnd) -> (state, loss [K])               client
   client_stats(state, start, data, bank, keys [K], rnd, ids [K])
       -> (state, agg_mask)   agg_mask: True = not in this round's mean  client
@@ -81,10 +84,13 @@ class Contract:
     batch_stats: True = BatchNorm running statistics are uploaded and replaced by
       the server's weighted mean.
     private: state entries that never leave the client.
+    channel_stats: True = the style bank also carries every client's per-channel
+      image mean and std (FedRDN), not only its amplitude windows.
   """
   params: str = 'shared'
   batch_stats: bool = False
   private: Tuple[str, ...] = ('opt', 'personal')
+  channel_stats: bool = False
 
   def __post_init__(self):
     if self.params not in ('shared', 'all'):
@@ -135,6 +141,13 @@ class Method:
   def static_mask(self, params: PyTree) -> PyTree:
     """The entries kept local every round (bool like params)."""
     return masks.constant(params, False)
+
+  def receive(self, state: State, data, bank, client_ids: Array) -> State:
+    """What a client takes from the style bank before training (the bank of
+    build.spectral_bank: 'windows', 'owner', and with ``contract.channel_stats``
+    'channel_mean'/'channel_std' [R, C]). Anything put under 'inbox' is dropped after
+    the round's client_stats. Default: nothing."""
+    return state
 
   def train(self, state: State, data, keys: Array, rnd: Array) -> Tuple[State, Array]:
     """``config.local_epochs`` of Adam on :attr:`loss` from the last aggregation."""
@@ -235,10 +248,11 @@ def compose(method: Method) -> Algorithm:
 
   def client(state, train_data, bank, train_keys, stats_keys, rnd, client_ids):
     start = state['params']
+    state = method.receive(state, train_data, bank, client_ids)
     state, loss = method.train(state, train_data, train_keys, rnd)
     state, agg_mask = method.client_stats(state, start, train_data, bank, stats_keys, rnd,
                                           client_ids)
-    return state, agg_mask, loss
+    return {n: v for n, v in state.items() if n != 'inbox'}, agg_mask, loss
 
   def evaluate(state, data):
     def one(params, stats, personal, val, test):
