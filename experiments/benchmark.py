@@ -11,7 +11,11 @@ Measures on whatever backend JAX finds:
   and the protocol time it implies (compile + T rounds), for each strategy in
   --client_axis, with XLA's compiled memory analysis of that round per device (temp,
   arguments, outputs, peak; any backend);
-* peak device memory (where the backend reports it).
+* peak device memory (where the backend reports it);
+* with ``--anchor=torch`` (torch importable; else reported as skipped), the same UNet in
+  PyTorch in the same run (experiments/torch_anchor.py): a training step as the
+  authors' loop (one model and Adam per client) and torch.func per-example gradients,
+  with the thread counts, and our rate over theirs.
 Writes JSON and a Markdown table with the device, versions and settings. ``--quick``
 uses a tiny model (3 levels) and images (a CI smoke test; its numbers mean little).
 """
@@ -47,6 +51,8 @@ flags.DEFINE_string('precision', 'fp32', "precision(s) of the full-round rows, e
 flags.DEFINE_multi_string('set', [], "config overrides for the full-round rows, e.g. --set=fisher.chunk_size=1")
 flags.DEFINE_string('parts', 'step,fisher,round', 'which groups of rows to measure')
 flags.DEFINE_string('client_axis', 'auto', "engine.client_axis of the full-round rows, e.g. 'vmap,map'")
+flags.DEFINE_enum('anchor', '', ['', 'torch'], "'torch': measure the PyTorch anchor too (step, fisher)")
+flags.DEFINE_integer('torch_threads', 0, "the anchor's torch.set_num_threads (0: the number of CPUs)")
 FLAGS = flags.FLAGS
 
 
@@ -97,6 +103,33 @@ def fisher_rates(n, s, base, chunks, repeats):
     return acc
   out['loop of batch-1 grad'] = n / timed(loop, params, batch, repeats=repeats)
   return out
+
+
+def anchor_rows(k, b, s, base, n, repeats, ours):
+  """The PyTorch anchor's rows and our rate over its rate (``ours``: rows so far), and
+  a note for the table's header (threads, or why the anchor was skipped)."""
+  try:
+    import torch
+    import torch_anchor
+  except ImportError as e:
+    return [], f'PyTorch anchor skipped: {e}'
+  torch.set_num_threads(FLAGS.torch_threads or os.cpu_count())
+  note = (f'PyTorch {torch.__version__} anchor: {torch.get_num_threads()} threads, JAX/XLA: '
+          f'{os.cpu_count()} CPUs')
+  parts, rows = set(FLAGS.parts.split(',')), []
+  if 'step' in parts:
+    rate = torch_anchor.train_step_rate(k, b, s, base, FLAGS.levels, repeats)
+    rows.append({'what': 'PyTorch anchor: train step, loop over clients, Adam, fp32',
+                 'unit': 'images/s', 'value': rate})
+    rows += [{'what': f'ours / PyTorch: {r["what"]}', 'unit': 'x', 'value': r['value'] / rate}
+             for r in ours if r['what'].startswith('train step') and 'fp32' in r['what']]
+  if 'fisher' in parts:
+    rate = torch_anchor.fisher_rate(n, s, base, FLAGS.levels, repeats)
+    rows.append({'what': f'PyTorch anchor: per-example Fisher, torch.func vmap(grad) ({n} examples)',
+                 'unit': 'examples/s', 'value': rate})
+    rows += [{'what': f'ours / PyTorch: {r["what"]}', 'unit': 'x', 'value': r['value'] / rate}
+             for r in ours if r['what'].startswith('per-example Fisher, vmap')]
+  return rows, note
 
 
 MEMORY = (('temp', 'temp_size_in_bytes'), ('arguments', 'argument_size_in_bytes'),
@@ -151,6 +184,9 @@ def main(argv):
   chunks = (1, 4, 8) if not FLAGS.quick else (2, 4)
   for name, rate in (fisher_rates(n, s, base, chunks, reps) if 'fisher' in parts else {}).items():
     rows.append({'what': f'per-example Fisher, {name} ({n} examples)', 'unit': 'examples/s', 'value': rate})
+  if FLAGS.anchor:
+    anchor, info['anchor'] = anchor_rows(k, b, s, base, n, reps, rows)
+    rows += anchor
   images = 8 if FLAGS.quick else FLAGS.images
   rounds = [(p, d, a) for p in FLAGS.precision.split(',') for d in FLAGS.devices.split(',')
             for a in FLAGS.client_axis.split(',')] if 'round' in parts else []
@@ -174,9 +210,10 @@ def main(argv):
     json.dump(result, f, indent=2)
   peak = info['peak_memory_bytes']
   md = [f'Device: {info["device"]}; JAX {info["jax"]}; K={k}, B={b}, S={s}, UNet base {base}, {FLAGS.levels} levels; '
-        f'peak device memory: {"n/a on this backend" if peak is None else f"{peak / 2**30:.2f} GiB"}', '',
+        f'peak device memory: {"n/a on this backend" if peak is None else f"{peak / 2**30:.2f} GiB"}'
+        + (f'; {info["anchor"]}' if 'anchor' in info else ''), '',
         '| measurement | value |', '|---|---|']
-  md += [f'| {r["what"]} | {r["value"]:.{2 if r["unit"] in ("s", "min") else 1}f} {r["unit"]} |'
+  md += [f'| {r["what"]} | {r["value"]:.{2 if r["unit"] in ("s", "min", "x") else 1}f} {r["unit"]} |'
          for r in rows]
   with open(FLAGS.out + '.md', 'w') as f:
     f.write('\n'.join(md) + '\n')

@@ -1,24 +1,82 @@
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
+import pytest
+
+from pflresfim_jax import losses, models
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_TORCH = importlib.util.find_spec('torch') is not None
+
+
+def _bench(tmp_path, *args, env=None):
+  out = tmp_path / 'bench'
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'benchmark.py'),
+                         f'--out={out}', *args], capture_output=True, text=True, timeout=900,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu', **(env or {})})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads((tmp_path / 'bench.json').read_text()), (tmp_path / 'bench.md').read_text()
 
 
 def test_benchmark_quick_smoke(tmp_path):
-  """The benchmark runs in quick mode and writes its table (no timing is asserted)."""
-  out = tmp_path / 'bench'
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'benchmark.py'), '--quick',
-                         '--method=fedavg', '--client_axis=vmap,map', f'--out={out}'], capture_output=True, text=True, timeout=900,
-                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  rows = json.loads((tmp_path / 'bench.json').read_text())['rows']
-  assert len(rows) == 4 + 3 + 2 * (2 + 4) and all(r['value'] > 0 for r in rows)
-  md = (tmp_path / 'bench.md').read_text()
+  """The benchmark runs in quick mode and writes its table (no timing is asserted); the
+  PyTorch anchor's rows where torch is installed."""
+  result, md = _bench(tmp_path, '--quick', '--method=fedavg', '--client_axis=vmap,map',
+                      '--anchor=torch')
+  rows = result['rows']
+  anchor = 2 + 2 + 2 if HAS_TORCH else 0   # two anchor rows, two step and two Fisher ratios
+  assert len(rows) == 4 + 3 + 2 * (2 + 4) + anchor and all(r['value'] > 0 for r in rows)
+  if HAS_TORCH:
+    assert '| PyTorch anchor: train step, loop over clients, Adam, fp32 |' in md
+    assert '| ours / PyTorch: train step, client_axis=vmap, fp32 |' in md
+    assert 'threads' in result['info']['anchor']
   assert '| train step, client_axis=map, bf16 |' in md
   for axis in ('vmap', 'map'):
     assert f'full round, fedavg, fp32, 1 device(s), client_axis={axis}' in md
     for part in ('temp', 'arguments', 'outputs', 'peak'):
       assert f'round memory per device (XLA analysis), {part}, fp32, 1 device(s), client_axis={axis}' in md
   assert 'peak device memory: n/a on this backend' in md
+
+
+def test_without_torch_the_anchor_is_skipped_with_the_reason(tmp_path):
+  fake = tmp_path / 'fake'           # a torch that cannot be imported, wherever torch is
+  (fake / 'torch').mkdir(parents=True)
+  (fake / 'torch' / '__init__.py').write_text("raise ImportError('no torch here')\n")
+  path = os.pathsep.join([str(fake), os.environ.get('PYTHONPATH', '')])
+  result, md = _bench(tmp_path, '--quick', '--parts=none', '--anchor=torch',
+                      env={'PYTHONPATH': path})
+  assert result['rows'] == [] and 'PyTorch anchor skipped: no torch here' in md
+
+
+@pytest.mark.reference
+def test_the_torch_anchor_is_our_unet_and_loss():
+  """Our parameters in the anchor's PyTorch UNet give our logits (both BatchNorm modes)
+  and our Dice+BCE: the two sides of the comparison compute the same thing."""
+  torch = pytest.importorskip('torch')
+  sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+  import torch_anchor
+  model = models.UNet2D(base=4, levels=3)
+  params, stats = models.init(model, jax.random.PRNGKey(0), (16, 16, 3))
+  rng = np.random.default_rng(0)
+  x = rng.uniform(size=(2, 16, 16, 3)).astype(np.float32)
+  stats = jax.tree.map(lambda v: v + rng.uniform(0.1, 0.5, v.shape).astype(np.float32), stats)
+  net = torch_anchor.load_flax(torch_anchor.UNet2D(4, 3), params, stats)
+  to_torch = lambda a: torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, -1, 1)))
+  variables = {'params': params, 'batch_stats': stats}
+  for train in (False, True):
+    if train:   # normalised by the batch's statistics
+      want, _ = model.apply(variables, x, train=True, mutable=['batch_stats'])
+    else:       # by the running ones
+      want = model.apply(variables, x, train=False)
+    want = np.asarray(want)
+    got = np.moveaxis(net.train(train)(to_torch(x)).detach().numpy(), 1, -1)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+  y = (rng.uniform(size=(2, 16, 16, 1)) > 0.7).astype(np.float32)
+  logits = rng.normal(size=(2, 16, 16, 1)).astype(np.float32)
+  np.testing.assert_allclose(torch_anchor.dice_bce(to_torch(logits), to_torch(y)).numpy(),
+                             losses.dice_bce(logits, y), rtol=1e-5)
