@@ -51,6 +51,7 @@ flags.DEFINE_string('precision', 'fp32', "precision(s) of the full-round rows, e
 flags.DEFINE_multi_string('set', [], "config overrides for the full-round rows, e.g. --set=fisher.chunk_size=1")
 flags.DEFINE_string('parts', 'step,fisher,round', 'which groups of rows to measure')
 flags.DEFINE_string('client_axis', 'auto', "engine.client_axis of the full-round rows, e.g. 'vmap,map'")
+flags.DEFINE_string('conv', 'auto', "model.conv of the step and Fisher rows, e.g. 'xla,im2col'")
 flags.DEFINE_enum('anchor', '', ['', 'torch'], "'torch': measure the PyTorch anchor too (step, fisher)")
 flags.DEFINE_integer('torch_threads', 0, "the anchor's torch.set_num_threads (0: the number of CPUs)")
 FLAGS = flags.FLAGS
@@ -65,9 +66,9 @@ def timed(fn, *args, repeats):
   return (time.perf_counter() - start) / repeats
 
 
-def train_step_rate(k, b, s, base, strategy, precision, repeats):
+def train_step_rate(k, b, s, base, strategy, precision, repeats, conv):
   model = models.UNet2D(base=base, dtype=jnp.bfloat16 if precision == 'bf16' else jnp.float32,
-                        levels=FLAGS.levels)
+                        levels=FLAGS.levels, conv=conv)
   params, stats = models.init(model, jax.random.PRNGKey(0), (s, s, 3))
   tx = engine.optimizer(5e-4)
   step = engine.train_step(engine.seg_loss(model), tx)
@@ -80,8 +81,8 @@ def train_step_rate(k, b, s, base, strategy, precision, repeats):
   return k * b / timed(fn, carry, x, y, repeats=repeats)
 
 
-def fisher_rates(n, s, base, chunks, repeats):
-  model = models.UNet2D(base=base, levels=FLAGS.levels)
+def fisher_rates(n, s, base, chunks, repeats, conv):
+  model = models.UNet2D(base=base, levels=FLAGS.levels, conv=conv)
   params, stats = models.init(model, jax.random.PRNGKey(0), (s, s, 3))
   apply_fn = models.inference_fn(model)
   loss = lambda p, ex: losses.bce(apply_fn(p, stats, ex['image'][None])[0], ex['label'])
@@ -176,14 +177,19 @@ def main(argv):
           'levels': FLAGS.levels}
   rows = []
   parts = set(FLAGS.parts.split(','))
-  for strategy in ('vmap', 'map') if 'step' in parts else ():
-    for precision in ('fp32', 'bf16'):
-      rate = train_step_rate(k, b, s, base, strategy, precision, reps)
-      rows.append({'what': f'train step, client_axis={strategy}, {precision}', 'unit': 'images/s', 'value': rate})
+  convs = [engine.resolve_conv(c) for c in FLAGS.conv.split(',')]
+  for conv in convs if 'step' in parts else ():
+    for strategy in ('vmap', 'map'):
+      for precision in ('fp32', 'bf16'):
+        rate = train_step_rate(k, b, s, base, strategy, precision, reps, conv)
+        rows.append({'what': f'train step, client_axis={strategy}, {precision}, conv={conv}',
+                     'unit': 'images/s', 'value': rate})
   n = 8 if not FLAGS.quick else 4
   chunks = (1, 4, 8) if not FLAGS.quick else (2, 4)
-  for name, rate in (fisher_rates(n, s, base, chunks, reps) if 'fisher' in parts else {}).items():
-    rows.append({'what': f'per-example Fisher, {name} ({n} examples)', 'unit': 'examples/s', 'value': rate})
+  for conv in convs if 'fisher' in parts else ():
+    for name, rate in fisher_rates(n, s, base, chunks, reps, conv).items():
+      rows.append({'what': f'per-example Fisher, {name}, conv={conv} ({n} examples)',
+                   'unit': 'examples/s', 'value': rate})
   if FLAGS.anchor:
     anchor, info['anchor'] = anchor_rows(k, b, s, base, n, reps, rows)
     rows += anchor

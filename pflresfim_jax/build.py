@@ -16,7 +16,7 @@ import numpy as np
 
 from pflresfim_jax import config as config_lib
 from pflresfim_jax import methods, models, spectral
-from pflresfim_jax.clients import sharding
+from pflresfim_jax.clients import engine, sharding
 from pflresfim_jax.methods import fedrdn
 from pflresfim_jax.config import METHODS
 from pflresfim_jax.data import federation, phantom
@@ -84,7 +84,8 @@ def model(config):
   if config.model.name != 'unet':
     raise ValueError(f"model.name must be 'unet', got {config.model.name!r}")
   return models.UNet2D(base=config.model.base, dtype=dtype, levels=config.model.levels,
-                       bias_init=config.model.bias_init, bn_unbiased=config.model.bn_unbiased)
+                       bias_init=config.model.bias_init, bn_unbiased=config.model.bn_unbiased,
+                       conv=engine.resolve_conv(config.model.get('conv', 'auto')))
 
 
 def device_data(fed: federation.Federation, mesh=None) -> Dict[str, Dict[str, jax.Array]]:

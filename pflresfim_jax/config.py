@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.levels = 5    # UNet2D resolution levels; 5 is the reference (fewer: smaller, faster to compile)
   c.model.bias_init = 'torch'   # conv biases: 'torch' (Conv2d default, the reference) or 'zeros'
   c.model.bn_unbiased = True    # BatchNorm tracks the unbiased batch variance, as torch does
+  c.model.conv = 'xla'          # convolutions: 'xla', 'im2col' (matrix products), 'auto' (im2col on CPU)
 
   c.augment = ml_collections.ConfigDict()
   c.augment.flip = True
@@ -178,6 +179,7 @@ RULES = {
     'model.name': _one_of('unet'), 'model.base': _number(1, integer=True, none=True),
     'model.paper_base': _INT1, 'model.levels': _number(2, 5, integer=True),
     'model.bias_init': _one_of('torch', 'zeros'), 'model.bn_unbiased': _FLAG,   # models.BIAS_INITS
+    'model.conv': _one_of('auto', 'xla', 'im2col'),
     'augment.flip': _FLAG, 'augment.rot90': _FLAG,
     'spectral.ratio': _number(0.0, 0.5, open_hi=True), 'spectral.lam_min': _FRACTION,
     'spectral.lam_max': _FRACTION, 'spectral.share': _one_of('per_image', 'client_mean'),

@@ -46,6 +46,53 @@ def conv_bias_init(kind: str, fan_in: int):
   return init
 
 
+CONVS = ('xla', 'im2col')
+
+
+class Conv(nn.Module):
+  """A stride-1 'SAME' convolution with bias, parameters as ``nn.Conv``'s ('kernel'
+  ``[k, k, Cin, F]``, 'bias' ``[F]``), computed one of two ways (``impl``):
+
+  * 'xla': ``lax.conv_general_dilated`` (nn.Conv);
+  * 'im2col': the k*k shifted copies of the padded input side by side, ``[N, H, W,
+    k*k*Cin]``, times the kernel as a ``[k*k*Cin, F]`` matrix: one matrix product,
+    whose gradients are matrix products too. The same sums in another order; on
+    XLA:CPU, whose convolution gradients are slow (the weight gradient above all),
+    several times faster (README, Benchmark).
+  """
+  features: int
+  kernel: int = 3
+  impl: str = 'xla'
+  dtype: Any = jnp.float32
+  kernel_init: Callable = kaiming_fan_out
+  bias_init: Callable = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    k, cin = self.kernel, x.shape[-1]
+    w = self.param('kernel', self.kernel_init, (k, k, cin, self.features), jnp.float32)
+    b = self.param('bias', self.bias_init, (self.features,), jnp.float32)
+    x, w, b = (a.astype(self.dtype) for a in (x, w, b))
+    if self.impl == 'xla':
+      y = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    elif self.impl == 'im2col':
+      y = jnp.dot(im2col(x, k), w.reshape(k * k * cin, self.features))
+    else:
+      raise ValueError(f'model.conv must be one of {CONVS}, got {self.impl!r}')
+    return y + b
+
+
+def im2col(x: Array, k: int) -> Array:
+  """``[N, H, W, C] -> [N, H, W, k*k*C]``: each pixel's k x k 'SAME' neighbourhood
+  (zero padded), row-major over the window then channels (the HWIO kernel's order)."""
+  if k == 1:
+    return x
+  p, (h, w) = k // 2, x.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), (p, k - 1 - p), (p, k - 1 - p), (0, 0)))
+  return jnp.concatenate([xp[:, i:i + h, j:j + w] for i in range(k) for j in range(k)], -1)
+
+
 class BatchNorm(nn.Module):
   """torch.nn.BatchNorm2d over the last axis of ``x [N, H, W, C]``, with an example mask.
 
@@ -123,13 +170,13 @@ class ConvBN(nn.Module):
   bias_init: str = 'torch'
   bn_unbiased: bool = True
   norm: str = 'bn'
+  conv: str = 'xla'
 
   @nn.compact
   def __call__(self, x: Array, train: bool, mask: Optional[Array] = None) -> Array:
     fan_in = x.shape[-1] * self.kernel * self.kernel
-    x = nn.Conv(self.features, (self.kernel, self.kernel), padding='SAME',
-                kernel_init=kaiming_fan_out, bias_init=conv_bias_init(self.bias_init, fan_in),
-                dtype=self.dtype, name='conv')(x)
+    x = Conv(self.features, self.kernel, self.conv, self.dtype, kaiming_fan_out,
+             conv_bias_init(self.bias_init, fan_in), name='conv')(x)
     # Statistics and normalisation in float32 whatever the compute dtype.
     if self.norm == 'pn':
       x = PopulationNorm(epsilon=1e-5, dtype=self.dtype, name=BN)(x)
@@ -163,6 +210,8 @@ class UNet2D(nn.Module):
     bias_init: conv biases, 'torch' (the reference) or 'zeros' (:func:`conv_bias_init`).
     bn_unbiased: BatchNorm tracks the unbiased batch variance (torch) or the biased one.
     norm: 'bn' (BatchNorm, the reference) or 'pn' (:class:`PopulationNorm`, the PN method).
+    conv: how convolutions are computed, 'xla' or 'im2col' (:class:`Conv`; the same
+      parameters and function).
 
   Call: ``apply(variables, x [N, H, W, Cin], train, mask=None, features=False)``
   returns logits ``[N, H, W, out]`` (and the last decoder feature map
@@ -177,6 +226,7 @@ class UNet2D(nn.Module):
   bias_init: str = 'torch'
   bn_unbiased: bool = True
   norm: str = 'bn'
+  conv: str = 'xla'
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False, mask: Optional[Array] = None,
@@ -189,7 +239,8 @@ class UNet2D(nn.Module):
                        f'{2 ** (depth - 1)}, got {x.shape[1:3]}')
     bmask = None if mask is None else mask.reshape(-1, 1, 1, 1)
     block = lambda f, name, k=3, relu=True: ConvBN(f, k, relu, self.dtype, self.bias_init,
-                                                   self.bn_unbiased, self.norm, name=name)
+                                                   self.bn_unbiased, self.norm, self.conv,
+                                                   name=name)
     x = x.astype(self.dtype)
     widths = [n * 2 ** i for i in range(depth)]         # reference: n, 2n, 4n, 8n, 16n
     skips = []
@@ -209,9 +260,8 @@ class UNet2D(nn.Module):
       x = jnp.concatenate([skips[depth - 2 - i], x], axis=-1)
       x = block(width, f'{name}_out')(x, train, bmask)
     feat = x
-    logits = nn.Conv(self.out_channels, (1, 1), kernel_init=kaiming_fan_out,
-                     bias_init=conv_bias_init(self.bias_init, feat.shape[-1]),
-                     dtype=self.dtype, name=HEAD)(feat)
+    logits = Conv(self.out_channels, 1, self.conv, self.dtype, kaiming_fan_out,
+                  conv_bias_init(self.bias_init, feat.shape[-1]), name=HEAD)(feat)
     logits = logits.astype(jnp.float32)
     return (logits, feat.astype(jnp.float32)) if features else logits
 

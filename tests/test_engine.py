@@ -15,6 +15,10 @@ def test_resolve():
   assert engine.resolve_client_axis('auto', 'cpu') == 'vmap'
   assert engine.resolve_client_axis('auto', 'gpu') == 'map'
   assert engine.resolve_unroll('auto', 'cpu') and not engine.resolve_unroll('auto', 'tpu')
+  assert engine.resolve_conv('auto', 'cpu') == 'im2col' and engine.resolve_conv('auto', 'gpu') == 'xla'
+  assert engine.resolve_conv('xla', 'cpu') == 'xla'
+  with pytest.raises(ValueError, match='model.conv'):
+    engine.resolve_conv('winograd')
   assert engine.resolve_unroll('false', 'cpu') is False and engine.resolve_unroll(True) is True
   with pytest.raises(ValueError, match='engine.unroll'):
     engine.resolve_unroll('sometimes')

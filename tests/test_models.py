@@ -192,3 +192,55 @@ def test_bf16_compute_keeps_float32_state():
   np.testing.assert_allclose(low, ref, atol=0.05 * float(jnp.abs(ref).max()) + 1e-3)
   grads = jax.jit(jax.grad(lambda p: jnp.mean(b16.apply({'params': p, 'batch_stats': stats}, x))))(params)
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+
+
+def np_conv_same(x, w, b):
+  """Direct 'SAME' convolution, float64 loops over the window (the slow reference)."""
+  k = w.shape[0]
+  p = k // 2
+  xp = np.pad(np.asarray(x, np.float64), ((0, 0), (p, p), (p, p), (0, 0)))
+  h, wd = x.shape[1:3]
+  out = np.zeros((*x.shape[:3], w.shape[-1]))
+  for i in range(k):
+    for j in range(k):
+      out += xp[:, i:i + h, j:j + wd] @ np.asarray(w[i, j], np.float64)
+  return out + np.asarray(b, np.float64)
+
+
+@pytest.mark.parametrize('kernel', [1, 3])
+def test_both_convolutions_are_the_direct_convolution_with_nn_conv_parameters(kernel):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 7, 5, 4)), jnp.float32)     # odd, non-square
+  ref = nn.Conv(6, (kernel, kernel), padding='SAME')
+  variables = ref.init(jax.random.PRNGKey(0), x)
+  variables = jax.tree.map(lambda v: v + 0.1, variables)          # nonzero bias
+  p = variables['params']
+  want = np_conv_same(x, p['kernel'], p['bias'])
+  tol = sum_rtol(kernel * kernel * 4)
+  grads = {}
+  for impl in models.CONVS:
+    conv = models.Conv(6, kernel, impl)
+    assert jax.tree.map(jnp.shape, conv.init(jax.random.PRNGKey(0), x)) == jax.tree.map(jnp.shape, variables)
+    got = conv.apply(variables, x)
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+    loss = lambda v, x: jnp.sum(jnp.sin(conv.apply(v, x)))
+    grads[impl] = jax.grad(loss, (0, 1))(variables, x)
+  # The gradients (weights and input) agree: sums over 2*7*5 pixels or k*k*6 outputs.
+  assert_tree_close(grads['im2col'], grads['xla'], rtol=sum_rtol(2 * 7 * 5), atol_rel=sum_rtol(2 * 7 * 5))
+  np.testing.assert_allclose(models.Conv(6, kernel, 'xla').apply(variables, x), ref.apply(variables, x),
+                             rtol=0, atol=0)
+  with pytest.raises(ValueError, match='model.conv'):
+    models.Conv(6, kernel, 'fft').apply(variables, x)
+
+
+def test_unet_is_the_same_function_with_either_convolution():
+  x = jnp.asarray(np.random.default_rng(1).uniform(size=(2, 16, 16, 3)), jnp.float32)
+  a, b = (models.UNet2D(base=2, levels=3, conv=c) for c in models.CONVS)
+  params, stats = models.init(a, jax.random.PRNGKey(0), (16, 16, 3))
+  params_b, _ = models.init(b, jax.random.PRNGKey(0), (16, 16, 3))
+  jax.tree.map(np.testing.assert_array_equal, params, params_b)   # same init too
+  for train in (False, True):
+    out = [m.apply({'params': params, 'batch_stats': stats}, x, train=train,
+                   mutable=['batch_stats'] if train else False) for m in (a, b)]
+    ya, yb = (o[0] if train else o for o in out)
+    np.testing.assert_allclose(yb, ya, rtol=1e-4, atol=1e-4 * float(np.abs(ya).max()))

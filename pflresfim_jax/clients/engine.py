@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pflresfim_jax import losses
+from pflresfim_jax import losses, models
 
 Array = jax.Array
 PyTree = Any
@@ -59,6 +59,16 @@ def resolve_unroll(value, backend: Optional[str] = None) -> bool:
   if str(value).lower() in ('true', 'false'):  # from --config.engine.unroll=false
     return str(value).lower() == 'true'
   raise ValueError(f"engine.unroll must be 'auto', True or False, got {value!r}")
+
+
+def resolve_conv(name: str, backend: Optional[str] = None) -> str:
+  """``model.conv``: 'auto' -> 'im2col' on CPU (XLA:CPU's convolution gradients are
+  slow; matrix products are not), 'xla' on accelerators."""
+  if name not in ('auto', *models.CONVS):
+    raise ValueError(f"model.conv must be 'auto' or one of {models.CONVS}, got {name!r}")
+  if name != 'auto':
+    return name
+  return 'im2col' if (backend or jax.default_backend()) == 'cpu' else 'xla'
 
 
 def resolve_client_axis(name: str, backend: Optional[str] = None) -> str:
