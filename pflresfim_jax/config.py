@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.levels = 5    # UNet2D resolution levels; 5 is the reference (fewer: smaller, faster to compile)
   c.model.bias_init = 'torch'   # conv biases: 'torch' (Conv2d default, the reference) or 'zeros'
   c.model.bn_unbiased = True    # BatchNorm tracks the unbiased batch variance, as torch does
-  c.model.conv = 'xla'          # convolutions: 'xla', 'im2col' (matrix products), 'auto' (im2col on CPU)
+  c.model.conv = 'auto'         # convolutions: 'xla', 'im2col' (matrix products), 'auto' (im2col on CPU)
 
   c.augment = ml_collections.ConfigDict()
   c.augment.flip = True
@@ -66,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.fisher = ml_collections.ConfigDict()
   c.fisher.loss = 'nll'          # interpretation: 'nll' (pixel BCE) or 'train' (Dice+BCE)
   c.fisher.num_examples = 32     # interpretation
-  c.fisher.chunk_size = config_dict.placeholder(int)  # examples per vmap(grad); None: 1, or 4 where loops are unrolled (CPU)
+  c.fisher.chunk_size = config_dict.placeholder(int)  # examples per vmap(grad); None: 1, or 4 where loops are unrolled
 
   c.resfim = ml_collections.ConfigDict()
   c.resfim.ratio = 0.2           # interpretation: fraction kept local
@@ -87,8 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.fedcac = ml_collections.ConfigDict({'tau': 0.5, 'beta': 100.0})
 
   c.engine = ml_collections.ConfigDict()
-  c.engine.client_axis = 'auto'  # 'vmap' | 'map' | 'auto' (map on GPU/TPU, vmap on CPU)
-  c.engine.unroll = 'auto'       # unroll training/Fisher loops: 'auto' (CPU only), 'true', 'false'
+  c.engine.client_axis = 'auto'  # 'vmap' | 'map' | 'auto' (map)
+  c.engine.unroll = 'auto'       # unroll training/Fisher loops: 'auto' (no), 'true', 'false'
   c.engine.precision = 'fp32'
   c.engine.devices = 'auto'      # devices the client axis is split over: 'auto' (all) or an int
 

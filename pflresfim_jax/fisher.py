@@ -30,8 +30,7 @@ def diagonal(loss_fn: Callable[[PyTree, Mapping[str, Array]], Array], params: Py
       divide ``N`` is padded; padded examples carry zero weight).
     example_mask: optional bool ``[N]``; only True examples count, and ``N`` in the
       mean becomes their number (0 examples gives zeros).
-    unroll: unroll the loop over chunks (faster on XLA:CPU, see
-      ``clients.engine.resolve_unroll``).
+    unroll: unroll the loop over chunks (see ``clients.engine.resolve_unroll``).
 
   Returns:
     float32 pytree shaped like ``params``.

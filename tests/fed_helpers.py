@@ -20,9 +20,8 @@ def tiny_config(**overrides):
   c.fisher.chunk_size = 2
   c.spectral.ratio = 0.1
   c.eval.batch_size = 4
-  # Compact loops: the tests' programs compile faster than unrolled ones (the CPU
-  # default, 'auto'), and compilation is most of the suite's time. The entry-point tests
-  # (test_train, test_loaders, the example through main.py) keep the default.
+  # Compact loops (also what 'auto' gives): programs compile faster than unrolled ones,
+  # and compilation is most of the suite's time.
   c.engine.unroll = 'false'
   for k, v in overrides.items():
     node = c
