@@ -13,11 +13,11 @@ from pflresfim_jax import config as config_lib, distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--config.rounds=2', '--config.phantom.num_sites=3', '--config.phantom.image_size=16',
-        '--config.model.base=2', '--config.model.levels=3', '--config.local_epochs=1', '--config.batch_size=4',
+        '--config.model.base=2', '--config.model.levels=2', '--config.local_epochs=1', '--config.batch_size=4',
         '--config.fisher.num_examples=4', '--config.fisher.chunk_size=2',
         '--config.spectral.ratio=0.1', '--config.eval.batch_size=4', '--config.lr=1e-6',
         '--config.report.enabled=false', '--config.method=pfl_resfim',
-        '--config.engine.client_axis=vmap', '--config.engine.unroll=false',
+        '--config.engine.client_axis=vmap', '--config.engine.unroll=false', '--config.model.conv=xla',
         '--config.tensorboard=false']
 
 

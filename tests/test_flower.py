@@ -17,9 +17,9 @@ from pflresfim_jax import flower  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # lr 1e-6 and 'map' with compact loops: as in test_deploy, so the hospitals' parameters
 # can be compared with the simulator's (Adam turns float noise into lr-sized steps).
-TINY = ('rounds=2;phantom.num_sites=2;phantom.image_size=16;model.base=2;model.levels=3;local_epochs=1;'
+TINY = ('rounds=2;phantom.num_sites=2;phantom.image_size=16;model.base=2;model.levels=2;local_epochs=1;'
         'batch_size=4;fisher.num_examples=4;fisher.chunk_size=2;spectral.ratio=0.1;'
-        'eval.batch_size=4;engine.client_axis=map;engine.unroll=false;lr=1e-6')
+        'eval.batch_size=4;engine.client_axis=map;engine.unroll=false;model.conv=xla;lr=1e-6')
 
 
 def _free_port():
@@ -58,7 +58,7 @@ def test_load_config_applies_overrides_and_names_bad_fields(tmp_path):
     flower.load_config(os.path.join(ROOT, 'configs', 'vessel.py'), 'no_such=1')
 
 
-def _same_as_the_simulator(method, tmp_path, result):
+def _same_as_the_simulator(method, seed, tmp_path, result):
   """Each hospital's committed state (its own folder) against the simulator's client."""
   import jax
   import numpy as np
@@ -67,12 +67,13 @@ def _same_as_the_simulator(method, tmp_path, result):
   fed = build.load_federation(cfg)
   init_fn, round_fn = build.compile_method(cfg, fed, method)
   data, bank = build.device_data(fed), build.spectral_bank(fed, cfg)
-  k_init, k_run = methods.run_keys(0)
+  k_init, k_run = methods.run_keys(seed)
   state = init_fn(k_init)
   for r in range(cfg.rounds):
     state, metrics = round_fn(state, data, bank, jax.random.fold_in(k_run, r), jax.numpy.int32(r))
   for k in range(2):
-    (folder,) = [d for d in (tmp_path / f'client{k}').iterdir() if d.name.startswith(method)]
+    (folder,) = [d for d in (tmp_path / f'client{k}').iterdir()
+                 if d.name.startswith(f'{method}-seed{seed}-')]
     assert (folder / 'committed.npz').exists() and not (folder / 'pending.npz').exists()
     saved = deploy.under('state', dict(np.load(folder / 'committed.npz')))
     want = deploy.flatten(jax.tree.map(lambda x: np.asarray(x)[k:k + 1], state))
@@ -99,7 +100,10 @@ def _refused(log_path, proc, seconds=90):
 def test_superlink_supernodes_and_flwr_run_on_loopback(tmp_path):
   """TLS on every connection and SuperNode authentication: the two hospitals' keys are
   registered with ``flwr supernode register``; a third SuperNode with a key nobody
-  registered is refused."""
+  registered is refused. Two runs (seeds 0 and 1) of pfl_resfim, whose round has the
+  most parts (style bank, Fisher, masks), go through the same long-lived hospital
+  workers; the second reuses the first's compiled programs. Every other method's
+  messages are checked against the simulator in test_deploy.py."""
   from pflresfim_jax import flower_keys
   certs = flower_keys.server(str(tmp_path / 'certs'), ['127.0.0.1', 'localhost'], days=1)
   keys = [flower_keys.node(str(tmp_path / 'keys'), f'hospital{k}') for k in range(3)]
@@ -141,11 +145,12 @@ def test_superlink_supernodes_and_flwr_run_on_loopback(tmp_path):
     assert ok, log
     for k in range(2):
       supernode(k, keys[k]['private'])
-    for method in ('pfl_resfim', 'ditto'):     # a shared-mask method and a two-model one
-      workdir = tmp_path / f'server-{method}'
+    method = 'pfl_resfim'
+    for seed in (0, 1):
+      workdir = tmp_path / f'server-{method}-{seed}'
       run_config = (f'config-file="{ROOT}/configs/vessel.py" overrides="{TINY}" method="{method}" '
-                    f'num-clients=2 min-clients=2 round-timeout=600.0 wait-timeout=120.0 '
-                    f'workdir="{workdir}"')
+                    f'seed={seed} num-clients=2 min-clients=2 round-timeout=600.0 '
+                    f'wait-timeout=120.0 workdir="{workdir}"')
       run = subprocess.run(['flwr', 'run', os.path.join(ROOT, 'experiments', 'flower_app'), 'loop',
                             '--stream', '--run-config', run_config],
                            env=env, capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
@@ -162,7 +167,7 @@ def test_superlink_supernodes_and_flwr_run_on_loopback(tmp_path):
       assert {k: v['round'] for k, v in result['final'].items()} == {'0': 1, '1': 1}
       assert result['wire']['train_up'] > 0 and all(r['seconds'] > 0 for r in result['rounds'])
       assert 'wrote' in output
-      _same_as_the_simulator(method, tmp_path, result)
+      _same_as_the_simulator(method, seed, tmp_path, result)
     # The SuperLink knows the two registered hospitals and nobody else.
     ls = subprocess.run(['flwr', 'supernode', 'ls', 'loop', '--format', 'json'], env=env,
                         capture_output=True, text=True, timeout=120, cwd=str(tmp_path))

@@ -245,7 +245,7 @@ def test_configs_train_on_a_data_root(tmp_path, name):
   c = _config_file(name)
   c.data.root, c.data.image_size, c.data.cache_dir = str(root), size, str(tmp_path / 'cache')
   c.method, c.rounds, c.local_epochs, c.model.base = 'local', 1, 1, 2
-  c.eval.batch_size, c.report.enabled = 4, False
+  c.eval.batch_size, c.report.enabled, c.model.conv, c.model.levels = 4, False, 'xla', 2
   out = train.train_and_evaluate(c, str(tmp_path / 'run'))
   assert out['clients'] == clients
   assert (tmp_path / 'run' / 'results.csv').read_text().splitlines()[0] == ','.join(['method', *clients, 'mean'])

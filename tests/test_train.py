@@ -73,9 +73,10 @@ def test_main_reports_bad_config(tmp_path):
 
 # ------------------------------------------------------------------ runs that survive
 TINY = ['--config.method=pfl_resfim', '--config.rounds=4', '--config.local_epochs=1',
-        '--config.model.base=2', '--config.model.levels=3', '--config.phantom.image_size=16', '--config.phantom.num_sites=2',
+        '--config.model.base=2', '--config.model.levels=2', '--config.phantom.image_size=16', '--config.phantom.num_sites=2',
         '--config.eval.batch_size=4', '--config.fisher.num_examples=4', '--config.fisher.chunk_size=2',
-        '--config.spectral.ratio=0.1', '--config.checkpoint.every=1', '--config.checkpoint.keep=2']
+        '--config.spectral.ratio=0.1', '--config.checkpoint.every=1', '--config.checkpoint.keep=2',
+        '--config.model.conv=xla']
 
 
 def _main(workdir, *extra):
