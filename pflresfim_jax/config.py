@@ -179,7 +179,7 @@ RULES = {
     'model.name': _one_of('unet'), 'model.base': _number(1, integer=True, none=True),
     'model.paper_base': _INT1, 'model.levels': _number(2, 5, integer=True),
     'model.bias_init': _one_of('torch', 'zeros'), 'model.bn_unbiased': _FLAG,   # models.BIAS_INITS
-    'model.conv': _one_of('auto', 'xla', 'im2col'),
+    'model.conv': _one_of('auto', 'xla', 'im2col', 'canonical'),
     'augment.flip': _FLAG, 'augment.rot90': _FLAG,
     'spectral.ratio': _number(0.0, 0.5, open_hi=True), 'spectral.lam_min': _FRACTION,
     'spectral.lam_max': _FRACTION, 'spectral.share': _one_of('per_image', 'client_mean'),

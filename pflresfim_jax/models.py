@@ -46,7 +46,7 @@ def conv_bias_init(kind: str, fan_in: int):
   return init
 
 
-CONVS = ('xla', 'im2col')
+CONVS = ('xla', 'im2col', 'canonical')
 
 
 class Conv(nn.Module):
@@ -56,9 +56,15 @@ class Conv(nn.Module):
   * 'xla': ``lax.conv_general_dilated`` (nn.Conv);
   * 'im2col': the k*k shifted copies of the padded input side by side, ``[N, H, W,
     k*k*Cin]``, times the kernel as a ``[k*k*Cin, F]`` matrix: one matrix product,
-    whose gradients are matrix products too. The same sums in another order; on
-    XLA:CPU, whose convolution gradients are slow (the weight gradient above all),
-    several times faster (README, Benchmark).
+    whose gradients are matrix products too. The same sums in another order;
+  * 'canonical': the 'xla' convolution with its two gradients written out
+    (:func:`conv_same`) as convolutions in the canonical NHWC x HWIO layout.
+
+  XLA:CPU runs a convolution on its fast (Eigen) kernels only in that layout. It puts
+  autodiff's gradient convolutions in it in straight-line code but not inside loops
+  (``lax.map`` over clients, ``lax.scan`` over steps or Fisher chunks), where they fall
+  back to a naive loop nest 5-40x slower; 'canonical' and 'im2col' avoid that, and
+  'canonical' gives the 'xla' numbers (README, Benchmark).
   """
   features: int
   kernel: int = 3
@@ -78,9 +84,50 @@ class Conv(nn.Module):
                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     elif self.impl == 'im2col':
       y = jnp.dot(im2col(x, k), w.reshape(k * k * cin, self.features))
+    elif self.impl == 'canonical':
+      y = conv_same(x, w)
     else:
       raise ValueError(f'model.conv must be one of {CONVS}, got {self.impl!r}')
     return y + b
+
+
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _conv(x: Array, w: Array, pad: Tuple[int, int]) -> Array:
+  """Stride-1 convolution ``[N, H, W, C] x [kh, kw, C, F]``, ``pad`` (low, high) on
+  both spatial axes."""
+  return jax.lax.conv_general_dilated(x, w, (1, 1), (pad, pad), dimension_numbers=_NHWC)
+
+
+def _same_pad(k: int) -> Tuple[int, int]:
+  return k // 2, k - 1 - k // 2
+
+
+@jax.custom_vjp
+def conv_same(x: Array, w: Array) -> Array:
+  """Stride-1 'SAME' convolution ``x [N, H, W, C]``, ``w [k, k, C, F]`` -> ``[N, H, W,
+  F]``, as ``lax.conv_general_dilated``, with hand-written gradients that stay in the
+  NHWC x HWIO layout: the input gradient is ``g`` convolved with the flipped kernel
+  ``[k, k, F, C]``; the weight gradient is a convolution whose batch is C, features N
+  and F, and whose window is the whole ``H x W`` of ``g``."""
+  return _conv(x, w, _same_pad(w.shape[0]))
+
+
+def _conv_same_fwd(x, w):
+  return conv_same(x, w), (x, w)
+
+
+def _conv_same_bwd(res, g):
+  x, w = res
+  lo, hi = _same_pad(w.shape[0])
+  dx = _conv(g, jnp.swapaxes(w[::-1, ::-1], 2, 3), (hi, lo))
+  xp = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)))
+  dw = _conv(jnp.transpose(xp, (3, 1, 2, 0)), jnp.transpose(g, (1, 2, 0, 3)), (0, 0))
+  return dx, jnp.transpose(dw, (1, 2, 0, 3)).astype(w.dtype)
+
+
+conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
 
 
 def im2col(x: Array, k: int) -> Array:

@@ -26,6 +26,32 @@ def test_tensor_scope_counts_and_order():
                                 np.sort(np.argsort(-a)[:6]))
 
 
+def _stable_sort_reference(scores, k):
+  """The k first entries of a stable sort by descending score, NaN as -inf."""
+  s = np.where(np.isnan(scores), -np.inf, scores)
+  picked = np.zeros(s.shape, bool)
+  picked[np.argsort(-s, kind='stable')[:k]] = True
+  return picked
+
+
+@pytest.mark.parametrize('kind', ['normal', 'ties', 'specials'])
+def test_top_k_flat_equals_a_stable_sort(kind):
+  rng = np.random.default_rng(1)
+  n = 5003
+  s = rng.standard_normal(n).astype(np.float32)
+  if kind == 'ties':          # few distinct values: the k-th is tied many times
+    s = np.round(s * 2) / 2
+  if kind == 'specials':      # NaN (last), +-inf, +-0 (tied), extremes; not subnormals,
+    # which XLA:CPU's comparisons flush to zero and numpy's do not
+    s = rng.choice(np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-37, -1e-37, 1.0, -1.0,
+                             3.4e38, -3.4e38], np.float32), n)
+  for sign in (1.0, -1.0):
+    for k in (1, 7, 1000, 2501, n - 1, n):
+      got = np.asarray(masks._top_k_flat(jnp.asarray(sign * s), k))
+      np.testing.assert_array_equal(got, _stable_sort_reference(sign * s, k),
+                                    err_msg=f'{kind}, sign {sign}, k {k}')
+
+
 def test_ties_are_deterministic():
   scores = {'a': jnp.array([1.0, 2.0, 2.0, 2.0, 0.0])}
   m = masks.top_fraction(scores, 0.4, 'tensor')
