@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.levels = 5    # UNet2D resolution levels; 5 is the reference (fewer: smaller, faster to compile)
   c.model.bias_init = 'torch'   # conv biases: 'torch' (Conv2d default, the reference) or 'zeros'
   c.model.bn_unbiased = True    # BatchNorm tracks the unbiased batch variance, as torch does
-  c.model.conv = 'auto'         # convolutions: 'xla', 'im2col' (matrix products), 'auto' (im2col on CPU)
+  c.model.conv = 'auto'         # convolutions: 'xla', 'im2col', 'canonical'; 'auto': canonical on CPU, xla elsewhere
 
   c.augment = ml_collections.ConfigDict()
   c.augment.flip = True

@@ -23,9 +23,9 @@ def tiny_config(**overrides):
   # Compact loops (also what 'auto' gives): programs compile faster than unrolled ones,
   # and compilation is most of the suite's time.
   c.engine.unroll = 'false'
-  # XLA's convolution: for these tiny UNets it compiles in about 60% of the time of
-  # im2col (the CPU default, 'auto'), which tests/test_models.py checks against it and
-  # test_train.py's end-to-end run uses.
+  # XLA's convolution: for these tiny UNets it compiled in about 60% of the time of
+  # im2col; tests/test_models.py checks 'canonical' (the CPU default, 'auto') and im2col
+  # against it, and test_train.py's end-to-end run uses the default.
   c.model.conv = 'xla'
   for k, v in overrides.items():
     node = c

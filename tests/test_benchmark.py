@@ -33,9 +33,9 @@ def test_benchmark_quick_smoke(tmp_path):
   assert len(rows) == 4 + 3 + 2 * (2 + 4) + anchor and all(r['value'] > 0 for r in rows)
   if HAS_TORCH:
     assert '| PyTorch anchor: train step, loop over clients, Adam, fp32 |' in md
-    assert '| ours / PyTorch: train step, client_axis=vmap, fp32, conv=im2col |' in md
+    assert '| ours / PyTorch: train step, client_axis=vmap, fp32, conv=canonical |' in md
     assert 'threads' in result['info']['anchor']
-  assert '| train step, client_axis=map, bf16, conv=im2col |' in md
+  assert '| train step, client_axis=map, bf16, conv=canonical |' in md
   for axis in ('vmap', 'map'):
     assert f'full round, fedavg, fp32, 1 device(s), client_axis={axis}' in md
     for part in ('temp', 'arguments', 'outputs', 'peak'):

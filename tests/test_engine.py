@@ -14,7 +14,7 @@ pytestmark = pytest.mark.reference
 def test_resolve():
   assert engine.resolve_client_axis('auto', 'cpu') == engine.resolve_client_axis('auto', 'gpu') == 'map'
   assert not engine.resolve_unroll('auto', 'cpu') and not engine.resolve_unroll('auto', 'tpu')
-  assert engine.resolve_conv('auto', 'cpu') == 'im2col' and engine.resolve_conv('auto', 'gpu') == 'xla'
+  assert engine.resolve_conv('auto', 'cpu') == 'canonical' and engine.resolve_conv('auto', 'gpu') == 'xla'
   assert engine.resolve_conv('xla', 'cpu') == 'xla'
   with pytest.raises(ValueError, match='model.conv'):
     engine.resolve_conv('winograd')

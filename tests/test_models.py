@@ -207,8 +207,24 @@ def np_conv_same(x, w, b):
   return out + np.asarray(b, np.float64)
 
 
+def np_conv_same_grads(x, w, g):
+  """Gradients of sum(g * conv_same(x, w)) w.r.t. x and w, float64 loops."""
+  k = w.shape[0]
+  p = k // 2
+  h, wd = x.shape[1:3]
+  xp = np.pad(np.asarray(x, np.float64), ((0, 0), (p, p), (p, p), (0, 0)))
+  g = np.asarray(g, np.float64)
+  dxp, dw = np.zeros_like(xp), np.zeros(w.shape)
+  for i in range(k):
+    for j in range(k):
+      window = xp[:, i:i + h, j:j + wd]
+      dw[i, j] = np.einsum('nhwc,nhwf->cf', window, g)
+      dxp[:, i:i + h, j:j + wd] += g @ np.asarray(w[i, j], np.float64).T
+  return dxp[:, p:p + h, p:p + wd], dw
+
+
 @pytest.mark.parametrize('kernel', [1, 3])
-def test_both_convolutions_are_the_direct_convolution_with_nn_conv_parameters(kernel):
+def test_every_convolution_is_the_direct_convolution_with_nn_conv_parameters(kernel):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, 7, 5, 4)), jnp.float32)     # odd, non-square
   ref = nn.Conv(6, (kernel, kernel), padding='SAME')
@@ -216,7 +232,10 @@ def test_both_convolutions_are_the_direct_convolution_with_nn_conv_parameters(ke
   variables = jax.tree.map(lambda v: v + 0.1, variables)          # nonzero bias
   p = variables['params']
   want = np_conv_same(x, p['kernel'], p['bias'])
+  want_dx, want_dw = np_conv_same_grads(x, p['kernel'], np.cos(want))
   tol = sum_rtol(kernel * kernel * 4)
+  # Gradient sums: 2*7*5 pixels (weights) or k*k*6 outputs (input), plus the cos.
+  gtol = sum_rtol(2 * 7 * 5 + 10)
   grads = {}
   for impl in models.CONVS:
     conv = models.Conv(6, kernel, impl)
@@ -225,17 +244,43 @@ def test_both_convolutions_are_the_direct_convolution_with_nn_conv_parameters(ke
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
     loss = lambda v, x: jnp.sum(jnp.sin(conv.apply(v, x)))
     grads[impl] = jax.grad(loss, (0, 1))(variables, x)
-  # The gradients (weights and input) agree: sums over 2*7*5 pixels or k*k*6 outputs.
-  assert_tree_close(grads['im2col'], grads['xla'], rtol=sum_rtol(2 * 7 * 5), atol_rel=sum_rtol(2 * 7 * 5))
+    dv, dx = grads[impl]
+    np.testing.assert_allclose(dx, want_dx, rtol=gtol, atol=gtol * np.abs(want_dx).max(),
+                               err_msg=impl)
+    np.testing.assert_allclose(dv['params']['kernel'], want_dw, rtol=gtol,
+                               atol=gtol * np.abs(want_dw).max(), err_msg=impl)
+  for impl in models.CONVS:
+    assert_tree_close(grads[impl], grads['xla'], rtol=gtol, atol_rel=gtol)
   np.testing.assert_allclose(models.Conv(6, kernel, 'xla').apply(variables, x), ref.apply(variables, x),
                              rtol=0, atol=0)
   with pytest.raises(ValueError, match='model.conv'):
     models.Conv(6, kernel, 'fft').apply(variables, x)
 
 
-def test_unet_is_the_same_function_with_either_convolution():
+def test_canonical_gradients_are_the_same_inside_a_loop():
+  """Inside lax.map (where XLA:CPU leaves autodiff's gradient convolutions slow) the
+  hand-written gradients are the straight-line ones, per client, and second-order
+  reverse mode works through them."""
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(3, 2, 6, 6, 4)), jnp.float32)   # 3 'clients'
+  w = jnp.asarray(rng.normal(size=(3, 3, 4, 5)), jnp.float32)
+  loss = lambda w, x: jnp.sum(jnp.tanh(models.conv_same(x, w)))
+  looped = jax.jit(lambda w, x: jax.lax.map(lambda xi: jax.grad(loss)(w, xi), x))(w, x)
+  for i in range(3):
+    straight = jax.grad(loss)(w, x[i])
+    np.testing.assert_allclose(looped[i], straight, rtol=sum_rtol(72),
+                               atol=sum_rtol(72) * float(np.abs(straight).max()))
+  ref = lambda w, x: jnp.sum(jnp.tanh(jax.lax.conv_general_dilated(
+      x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))))
+  hvp = lambda f: jax.grad(lambda w: jnp.sum(jax.grad(f)(w, x[0]) ** 2))(w)
+  np.testing.assert_allclose(hvp(loss), hvp(ref), rtol=1e-4,
+                             atol=1e-4 * float(np.abs(hvp(ref)).max()))
+
+
+@pytest.mark.parametrize('conv', ['im2col', 'canonical'])
+def test_unet_is_the_same_function_with_either_convolution(conv):
   x = jnp.asarray(np.random.default_rng(1).uniform(size=(2, 16, 16, 3)), jnp.float32)
-  a, b = (models.UNet2D(base=2, levels=3, conv=c) for c in models.CONVS)
+  a, b = (models.UNet2D(base=2, levels=3, conv=c) for c in ('xla', conv))
   params, stats = models.init(a, jax.random.PRNGKey(0), (16, 16, 3))
   params_b, _ = models.init(b, jax.random.PRNGKey(0), (16, 16, 3))
   jax.tree.map(np.testing.assert_array_equal, params, params_b)   # same init too

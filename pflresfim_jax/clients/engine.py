@@ -10,8 +10,8 @@ statistics included: the model's BN takes the example mask).
 How the client axis runs is a choice (``engine.client_axis``): 'vmap' vectorises
 the clients into one program (every conv becomes a grouped conv), 'map' runs them
 one after another inside one program (``lax.map``); 'auto' is 'map' (on an H200 it was
-4.6x faster for the UNet, PERFORMANCE.md; on CPU, with the im2col convolutions of
-``model.conv='auto'``, local training ran 69 vs 59 images/s: README, Benchmark). The
+4.6x faster for the UNet, PERFORMANCE.md; on CPU, with the convolutions of
+``model.conv='auto'``, local training ran 116 vs 25 images/s: README, Benchmark). The
 results agree up to float tolerance.
 """
 from __future__ import annotations
@@ -48,11 +48,11 @@ def resolve_fisher_chunk(value, unroll: bool) -> int:
 def resolve_unroll(value, backend: Optional[str] = None) -> bool:
   """``engine.unroll``: 'auto' -> False (compact ``lax.scan`` loops) on every backend.
 
-  With XLA's own convolutions, XLA:CPU ran weight-gradient convolutions inside a while
-  loop about 10x slower than unrolled (an earlier measurement here), so CPU runs used to
-  unroll, at the price of long compiles and host memory. With ``model.conv='im2col'``
-  (the CPU default) the loop costs 7% (74 vs 69 images/s of local training on 2 cores)
-  and compiles in two thirds of the time, so loops stay compact; ``True`` unrolls.
+  With autodiff's convolution gradients, XLA:CPU ran them inside a while loop about 10x
+  slower than unrolled (they leave the layout of its fast kernels there), so CPU runs
+  used to unroll, at the price of long compiles and host memory. With
+  ``model.conv='canonical'`` (the CPU default) or 'im2col' loops are as fast, so they
+  stay compact; ``True`` unrolls.
   ``backend`` is accepted for callers that name one; it no longer matters.
   """
   del backend
@@ -66,13 +66,13 @@ def resolve_unroll(value, backend: Optional[str] = None) -> bool:
 
 
 def resolve_conv(name: str, backend: Optional[str] = None) -> str:
-  """``model.conv``: 'auto' -> 'im2col' on CPU (XLA:CPU's convolution gradients are
-  slow; matrix products are not), 'xla' on accelerators."""
+  """``model.conv``: 'auto' -> 'canonical' on CPU (autodiff's convolution gradients
+  run on XLA:CPU's slow path inside loops; ``models.Conv``), 'xla' on accelerators."""
   if name not in ('auto', *models.CONVS):
     raise ValueError(f"model.conv must be 'auto' or one of {models.CONVS}, got {name!r}")
   if name != 'auto':
     return name
-  return 'im2col' if (backend or jax.default_backend()) == 'cpu' else 'xla'
+  return 'canonical' if (backend or jax.default_backend()) == 'cpu' else 'xla'
 
 
 def resolve_client_axis(name: str, backend: Optional[str] = None) -> str:
