@@ -110,7 +110,9 @@ def conv_same(x: Array, w: Array) -> Array:
   F]``, as ``lax.conv_general_dilated``, with hand-written gradients that stay in the
   NHWC x HWIO layout: the input gradient is ``g`` convolved with the flipped kernel
   ``[k, k, F, C]``; the weight gradient is a convolution whose batch is C, features N
-  and F, and whose window is the whole ``H x W`` of ``g``."""
+  and F, and whose window is the whole ``H x W`` of ``g``. Reverse mode only (a
+  ``custom_vjp``: ``grad`` and ``vmap`` of it, to any order; not ``jvp``/``jacfwd``,
+  for which ``model.conv='xla'`` is the same function)."""
   return _conv(x, w, _same_pad(w.shape[0]))
 
 
