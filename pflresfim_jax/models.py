@@ -80,8 +80,7 @@ class Conv(nn.Module):
     b = self.param('bias', self.bias_init, (self.features,), jnp.float32)
     x, w, b = (a.astype(self.dtype) for a in (x, w, b))
     if self.impl == 'xla':
-      y = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
-                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      y = _conv(x, w, _same_pad(k))
     elif self.impl == 'im2col':
       y = jnp.dot(im2col(x, k), w.reshape(k * k * cin, self.features))
     elif self.impl == 'canonical':

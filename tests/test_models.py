@@ -249,7 +249,7 @@ def test_every_convolution_is_the_direct_convolution_with_nn_conv_parameters(ker
                                err_msg=impl)
     np.testing.assert_allclose(dv['params']['kernel'], want_dw, rtol=gtol,
                                atol=gtol * np.abs(want_dw).max(), err_msg=impl)
-  for impl in models.CONVS:
+  for impl in set(models.CONVS) - {'xla'}:
     assert_tree_close(grads[impl], grads['xla'], rtol=gtol, atol_rel=gtol)
   np.testing.assert_allclose(models.Conv(6, kernel, 'xla').apply(variables, x), ref.apply(variables, x),
                              rtol=0, atol=0)
