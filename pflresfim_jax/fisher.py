@@ -2,8 +2,9 @@
 
 ``F = (1/N) sum_i g_i * g_i`` with ``g_i = grad_theta loss(theta; example_i)``,
 computed with ``jax.vmap(jax.grad)`` over chunks of ``chunk_size`` examples inside a
-``lax.scan``: peak memory is ``chunk_size x |theta|`` and the sum of squares is
-accumulated chunk by chunk, never ``N x |theta|``.
+loop: peak memory is ``chunk_size x |theta|`` and the sum of squares is accumulated
+chunk by chunk, never ``N x |theta|``. Chunks after a batch's last real example (its
+``example_mask``) are not computed, unless the loop is unrolled.
 """
 from __future__ import annotations
 
@@ -35,31 +36,65 @@ def diagonal(loss_fn: Callable[[PyTree, Mapping[str, Array]], Array], params: Py
   Returns:
     float32 pytree shaped like ``params``.
   """
-  leaves = jax.tree.leaves(batch)
+  batches = jax.tree.map(lambda x: x[None], batch)
+  mask = None if example_mask is None else example_mask[None]
+  return jax.tree.map(lambda f: f[0], diagonals(loss_fn, params, batches, chunk_size, mask, unroll))
+
+
+def diagonals(loss_fn: Callable[[PyTree, Mapping[str, Array]], Array], params: PyTree,
+              batches: Mapping[str, Array], chunk_size: int = 1,
+              example_mask: Optional[Array] = None, unroll: bool = False) -> PyTree:
+  """``G`` diagonal Fishers of the same ``loss_fn`` at the same ``params``, one loop.
+
+  ``diagonals(f, p, b)[g] == diagonal(f, p, b[g])`` (the same sums in the same order),
+  with the per-example gradient traced once for all ``G`` batches (ResFIM's F_orig
+  and F_sim).
+
+  Args:
+    loss_fn, params, chunk_size, unroll: as :func:`diagonal`.
+    batches: dict of arrays sharing leading axes ``[G, N]``.
+    example_mask: optional bool ``[G, N]`` (per batch, as in :func:`diagonal`).
+
+  Returns:
+    float32 pytree shaped like ``params`` with a leading axis ``G``.
+  """
+  leaves = jax.tree.leaves(batches)
   if not leaves:
     raise ValueError('fisher.diagonal: empty batch')
-  n = leaves[0].shape[0]
+  g, n = leaves[0].shape[:2]
   chunk = max(1, min(int(chunk_size), n))
   num_chunks = -(-n // chunk)
   padded = num_chunks * chunk
-  weight = jnp.ones((n,), jnp.float32) if example_mask is None else example_mask.astype(jnp.float32)
-  weight = jnp.pad(weight, (0, padded - n))
+  weight = (jnp.ones((g, n), jnp.float32) if example_mask is None
+            else example_mask.astype(jnp.float32))
+  weight = jnp.pad(weight, ((0, 0), (0, padded - n)))
   # Padded rows repeat example 0: any valid input, multiplied by weight 0 below.
   index = jnp.where(jnp.arange(padded) < n, jnp.arange(padded), 0)
-  chunks = jax.tree.map(
-      lambda x: jnp.take(x, index, axis=0).reshape(num_chunks, chunk, *x.shape[1:]), batch)
-  weights = weight.reshape(num_chunks, chunk)
+  # Steps run batch by batch (all of batch 0's chunks, then batch 1's, ...).
+  chunks = jax.tree.map(lambda x: jnp.take(x, index, axis=1).reshape(
+      g * num_chunks, chunk, *x.shape[2:]), batches)
+  weights = weight.reshape(g * num_chunks, chunk)
   per_example_grad = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))
 
-  def body(acc, xs):
-    examples, w = xs
-    grads = per_example_grad(params, examples)
-    acc = jax.tree.map(
-        lambda a, g: a + jnp.tensordot(w, jnp.square(g.astype(jnp.float32)), axes=1),
-        acc, grads)
-    return acc, None
+  def add(acc, t, k):   # acc[k] += sum_i w_i grad_i^2 over chunk t (of batch k), in place
+    grads = per_example_grad(params, jax.tree.map(lambda x: x[t], chunks))
 
-  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-  total, _ = jax.lax.scan(body, zeros, (chunks, weights), unroll=num_chunks if unroll else 1)
-  count = jnp.maximum(weight.sum(), 1.0)
-  return jax.tree.map(lambda t: t / count, total)
+    def one(a, grad):
+      row = jax.lax.dynamic_index_in_dim(a, k, keepdims=False)
+      row = row + jnp.tensordot(weights[t], jnp.square(grad.astype(jnp.float32)), axes=1)
+      return jax.lax.dynamic_update_index_in_dim(a, row, k, 0)
+    return jax.tree.map(one, acc, grads)
+
+  zeros = jax.tree.map(lambda p: jnp.zeros((g, *p.shape), jnp.float32), params)
+  if unroll:
+    total = zeros
+    for t in range(g * num_chunks):
+      total = add(total, t, t // num_chunks)
+  else:
+    # Batch k's chunks up to its last real example; chunks of padding are skipped.
+    last = jnp.max(jnp.where(weight > 0, jnp.arange(1, padded + 1), 0), axis=1)
+    used = -(-last // chunk)
+    total = jax.lax.fori_loop(0, g, lambda k, acc: jax.lax.fori_loop(
+        0, used[k], lambda c, a: add(a, k * num_chunks + c, k), acc), zeros)
+  count = jnp.maximum(weight.sum(axis=1), 1.0)
+  return jax.tree.map(lambda t: t / count.reshape((g,) + (1,) * (t.ndim - 1)), total)

@@ -137,11 +137,10 @@ def fisher_pair(model: Union[nn.Module, Callable[[PyTree, Array], Array]], *,
 
     images, labels, mask = batch['image'], batch['label'], batch.get('mask')
     sim = _simulated(batch, spectral_ratio, lam_range, value_range)
-    f_orig = fisher.diagonal(loss_fn, params, {'image': images, 'label': labels},
-                             chunk_size, mask, unroll)
-    f_sim = fisher.diagonal(loss_fn, params, {'image': sim, 'label': labels},
-                            chunk_size, mask, unroll)
-    return f_orig, f_sim
+    both = {'image': jnp.stack([images, sim]), 'label': jnp.stack([labels, labels])}
+    f = fisher.diagonals(loss_fn, params, both, chunk_size,
+                         None if mask is None else jnp.stack([mask, mask]), unroll)
+    return jax.tree.map(lambda x: x[0], f), jax.tree.map(lambda x: x[1], f)
   return pair
 
 

@@ -62,3 +62,30 @@ def test_linear_model_closed_form():
   r = x @ w - y
   # Dot products of 4 terms, squared, a mean of 10 (numpy computes in float32 too).
   np.testing.assert_allclose(got['w'], np.mean((r[:, None] * x) ** 2, axis=0), rtol=sum_rtol(2 * 4 + 10))
+
+
+@pytest.mark.parametrize('chunk,unroll', [(1, False), (3, False), (3, True)])
+def test_diagonals_one_per_batch(setup, chunk, unroll):
+  """G Fishers in one loop: each the loop reference of its own batch and mask."""
+  loss_fn, params, batch = setup
+  other = {'image': batch['image'][::-1] * 0.5, 'label': batch['label']}
+  mask = np.array([[1, 1, 0, 1, 1, 0, 1], [0, 1, 1, 1, 0, 0, 0]], bool)
+  stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), batch, other)
+  got = jax.jit(lambda p, b, m: fisher.diagonals(loss_fn, p, b, chunk, m, unroll))(
+      params, stacked, jnp.asarray(mask))
+  for k, b in enumerate((batch, other)):
+    want = reference(loss_fn, params, b, mask[k])
+    assert_tree_close(jax.tree.map(lambda f: f[k], got), want, rtol=FISHER_RTOL,
+                      atol_rel=FISHER_RTOL)
+
+
+def test_trailing_padding_is_not_computed(setup):
+  """Chunks after the last real example are skipped: NaN there cannot leak in (a
+  computed chunk would add 0 * NaN)."""
+  loss_fn, params, batch = setup
+  mask = np.array([1, 1, 0, 1, 0, 0, 0], bool)
+  poisoned = {**batch, 'image': batch['image'].at[4:].set(jnp.nan)}
+  got = jax.jit(lambda p, b, m: fisher.diagonal(loss_fn, p, b, 2, m))(
+      params, poisoned, jnp.asarray(mask))
+  want = reference(loss_fn, params, batch, mask)
+  assert_tree_close(got, want, rtol=FISHER_RTOL, atol_rel=FISHER_RTOL)
