@@ -78,6 +78,24 @@ def test_every_step_gets_its_own_key():
   assert int(n) == 6 and len({tuple(k) for k in np.asarray(seen).tolist()}) == 6
 
 
+def test_a_client_runs_only_its_own_steps():
+  # 5 real examples of 12 slots, batches of 4: the compact loop takes ceil(5/4) = 2
+  # steps an epoch, the unrolled one all 3 (the last discarded); each real example
+  # is seen once an epoch either way.
+  calls = []
+
+  def step(carry, aux, batch, mask, lr):
+    jax.debug.callback(lambda: calls.append(1))
+    return carry + jnp.sum(mask), jnp.float32(0)
+  data = {**random_batch(12, size=4), 'count': jnp.int32(5)}
+  for unroll, steps in ((False, 2), (True, 3)):
+    calls.clear()
+    seen, _ = jax.jit(lambda d, k: engine.local_train(
+        step, jnp.int32(0), None, d, k, 0.1, 2, 4, unroll=unroll))(data, jax.random.PRNGKey(0))
+    jax.effects_barrier()
+    assert len(calls) == 2 * steps and int(seen) == 2 * 5, (unroll, len(calls), int(seen))
+
+
 def test_client_without_data_is_unchanged():
   b = random_batch(4)
   ((p, s, _), loss), (p0, s0) = _train({**b, 'count': jnp.int32(0)}, jax.random.PRNGKey(0))

@@ -2,10 +2,11 @@
 
 Data of a split is ``{'image': [K, Nmax, H, W, C], 'label': [K, Nmax, H, W, 1],
 'count': [K]}``; slots at or past ``count[k]`` are padding. A client's epoch visits
-its own ``count[k]`` examples in a fresh random order in ``ceil(Nmax / B)`` steps;
-steps past its data are skipped with ``jnp.where`` (no Python loop over clients),
-and the last partial batch is masked, so padding never changes a model (BatchNorm
-statistics included: the model's BN takes the example mask).
+its own ``count[k]`` examples in a fresh random order in ``ceil(count[k] / B)`` steps
+(a loop whose length is the client's own; vmapped clients, or unrolled loops, run
+``ceil(Nmax / B)`` and skip the extra steps with ``jnp.where``: no Python loop over
+clients), and the last partial batch is masked, so padding never changes a model
+(BatchNorm statistics included: the model's BN takes the example mask).
 
 How the client axis runs is a choice (``engine.client_axis``): 'vmap' vectorises
 the clients into one program (every conv becomes a grouped conv), 'map' runs them
@@ -231,7 +232,10 @@ def local_train(step: Callable, carry: PyTree, aux: PyTree, data: Mapping[str, A
     lr: learning rate (may be traced).
     epochs, batch_size: E and B.
     flip, rot90: augmentation switches.
-    unroll: unroll the epoch and step loops (see :func:`resolve_unroll`).
+    unroll: unroll the epoch and step loops (see :func:`resolve_unroll`). Unrolled,
+      every client runs ``ceil(Nmax / batch_size)`` steps and the ones past its
+      ``count`` are discarded; compact, it runs its own ``ceil(count / batch_size)``
+      (the same result; under vmap over clients the loop runs to the largest).
 
   Returns:
     ``(carry, mean training loss over the steps taken)`` (0 if none).
@@ -259,8 +263,12 @@ def local_train(step: Callable, carry: PyTree, aux: PyTree, data: Mapping[str, A
       carry = jax.tree.map(lambda n, o: jnp.where(active, n, o), new, carry)
       return (carry, total + jnp.where(active, loss, 0.0), taken + active), None
 
-    state, _ = jax.lax.scan(one_step, (carry, total, taken), jnp.arange(steps),
-                            unroll=steps if unroll else 1)
+    state = (carry, total, taken)
+    if unroll:
+      state, _ = jax.lax.scan(one_step, state, jnp.arange(steps), unroll=steps)
+    else:   # only this client's own steps: a small client does not pay for the largest
+      state = jax.lax.fori_loop(0, jnp.minimum(-(-count // batch_size), steps),
+                                lambda s, st: one_step(st, s)[0], state)
     return state, None
 
   init = (carry, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
