@@ -21,6 +21,37 @@ def test_phantom_is_deterministic_and_sized():
   assert min(counts) == 12 and max(counts) == 40
 
 
+def _rasterise_per_pixel(segs, size, min_width, dilation):
+  """Every pixel against every segment: distance to the segment, soft opacity, label."""
+  opacity = np.zeros((size, size))
+  label = np.zeros((size, size), bool)
+  for i in range(size):
+    for j in range(size):
+      py, px = i + 0.5, j + 0.5
+      for y0, x0, y1, x1, w in segs:
+        dy, dx = y1 - y0, x1 - x0
+        t = np.clip(((py - y0) * dy + (px - x0) * dx) / max(dy * dy + dx * dx, 1e-9), 0, 1)
+        d = np.hypot(py - (y0 + t * dy), px - (x0 + t * dx))
+        opacity[i, j] = max(opacity[i, j], np.clip(w / 2 + 0.5 - d, 0, 1) * min(1.0, w))
+        label[i, j] |= bool(w >= min_width and d <= w / 2 + dilation)
+  return opacity, label
+
+
+@pytest.mark.parametrize('min_width,dilation', [(0.0, 0.0), (1.2, 1.5)])
+def test_rasterise_matches_every_pixel_against_every_segment(min_width, dilation):
+  # Random segments, some crossing the border, one of length 0, thin and wide ones.
+  rng = np.random.default_rng(0)
+  start = rng.uniform(-3, 27, size=(12, 2))
+  end = start + rng.normal(0, 3, size=(12, 2))
+  end[0] = start[0]
+  segs = np.column_stack([start, end, rng.uniform(0.2, 3.0, size=12)])
+  got = phantom._rasterise(segs, 24, min_width, dilation)
+  want = _rasterise_per_pixel(segs, 24, min_width, dilation)
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+  assert want[1].any() and (want[0] > 0).any()
+
+
 def test_sites_differ_in_low_frequency_style_and_label_convention():
   data = phantom.generate(seed=0, image_size=64, images_per_site=[4] * 6)
   means = np.stack([x.mean(axis=(0, 1, 2)) for x, _ in data.values()])   # colour per site
