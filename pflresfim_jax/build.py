@@ -109,7 +109,7 @@ def spectral_bank(fed: federation.Federation, config, mesh=None) -> Dict[str, ja
   windows, owner, stats = [], [], []
   for k in range(fed.num_clients):
     images, _ = fed.train.client(k)
-    windows.append(np.asarray(spectral.amplitude_bank(jnp.asarray(images), config.spectral.ratio)))
+    windows.append(spectral.amplitude_windows(images, config.spectral.ratio))
     owner.append(np.full(len(images), k, np.int32))
     stats.append(fedrdn.bank_entries(images))
   bank, owner = jnp.asarray(np.concatenate(windows)), jnp.asarray(np.concatenate(owner))

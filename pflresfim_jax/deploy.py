@@ -280,7 +280,7 @@ class Hospital:
     """Its style: low-frequency amplitude windows of its training images (METHOD.md 2),
     and its per-channel mean and std where the method's contract asks (FedRDN)."""
     images, _ = self.fed.train.client(0)
-    w = spectral.amplitude_bank(jnp.asarray(images), self.config.spectral.ratio)
+    w = jnp.asarray(spectral.amplitude_windows(images, self.config.spectral.ratio))
     if self.config.spectral.share == 'client_mean':
       w, _ = spectral.client_mean_bank(w, jnp.zeros(w.shape[0], jnp.int32), 1)
     out = {'windows': np.asarray(w)}

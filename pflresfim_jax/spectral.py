@@ -21,6 +21,7 @@ from typing import Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -71,6 +72,24 @@ def amplitude_bank(images: Array, ratio: float) -> Array:
   b = low_freq_window((h, w), ratio)
   rows, cols = _window_slices(h, w, b)
   return jnp.abs(_spectrum(images))[:, rows, cols, :]
+
+
+_amplitude_bank_jit = jax.jit(amplitude_bank, static_argnums=1)
+
+
+def amplitude_windows(images, ratio: float, block: int = 32) -> np.ndarray:
+  """:func:`amplitude_bank` of host images ``[N, H, W, C]``, as a host array.
+
+  For building a bank outside a jitted program: blocks of ``block`` images (the last
+  padded) through one compiled program, so clients with different image counts share
+  it and memory stays bounded; the same values as calling :func:`amplitude_bank`.
+  """
+  images = np.asarray(images, np.float32)
+  n = len(images)
+  padded = np.pad(images, ((0, -n % block),) + ((0, 0),) * (images.ndim - 1))
+  out = [np.asarray(_amplitude_bank_jit(jnp.asarray(padded[i:i + block]), ratio))
+         for i in range(0, len(padded), block)]
+  return np.concatenate(out)[:n] if out else np.asarray(amplitude_bank(jnp.asarray(images), ratio))
 
 
 def transfer_complex(images: Array, target_windows: Array, ratio: float, lam) -> Array:

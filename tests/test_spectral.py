@@ -135,3 +135,15 @@ def test_client_mean_bank():
   mean, mowner = spectral.client_mean_bank(bank, owner, 3)
   np.testing.assert_array_equal(mean[:, 0, 0, 0], [1.0, 2.0, 0.0])   # means of small integers: exact
   np.testing.assert_array_equal(mowner, [0, 1, -1])
+
+
+@pytest.mark.parametrize('n', [0, 5, 7])
+def test_amplitude_windows_in_blocks_match_numpy(n):
+  # Host helper for building a bank: blocks of 3 (the last padded) through one program.
+  rng = np.random.default_rng(n)
+  images = rng.uniform(size=(n, 15, 21, 3)).astype(np.float32)
+  got = spectral.amplitude_windows(images, 0.1, block=3)
+  assert got.shape == (n, 3, 3, 3) and got.dtype == np.float32
+  for img, win in zip(images, got):
+    np.testing.assert_allclose(win, np_window(img.astype(np.float64), 0.1), atol=1e-3)
+  np.testing.assert_allclose(got, spectral.amplitude_bank(jnp.asarray(images), 0.1), rtol=1e-6)
