@@ -112,8 +112,8 @@ def _rasterise(segs: np.ndarray, size: int, min_width: float, dilation: float):
   hi_y = np.minimum(size, np.trunc(np.maximum(y0, y1) + r).astype(np.int64) + 1)
   lo_x = np.maximum(0, np.trunc(np.minimum(x0, x1) - r).astype(np.int64))
   hi_x = np.minimum(size, np.trunc(np.maximum(x0, x1) + r).astype(np.int64) + 1)
-  span_y = max(int(np.max(hi_y - lo_y, initial=0)), 0)
-  span_x = max(int(np.max(hi_x - lo_x, initial=0)), 0)
+  span_y = int(np.max(hi_y - lo_y, initial=0))   # empty boxes (hi <= lo) count as 0
+  span_x = int(np.max(hi_x - lo_x, initial=0))
   iy = lo_y[:, None, None] + np.arange(span_y)[None, :, None]   # [S, span_y, 1]
   ix = lo_x[:, None, None] + np.arange(span_x)[None, None, :]   # [S, 1, span_x]
   inside = (iy < hi_y[:, None, None]) & (ix < hi_x[:, None, None])
