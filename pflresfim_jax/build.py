@@ -6,6 +6,7 @@ nothing here imports them.
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Dict, List, Sequence
 
@@ -15,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from pflresfim_jax import config as config_lib
-from pflresfim_jax import methods, models, spectral
+from pflresfim_jax import checkpoint, compile_cache, methods, models, spectral
 from pflresfim_jax.clients import engine, sharding
 from pflresfim_jax.methods import fedrdn
 from pflresfim_jax.config import METHODS
@@ -152,5 +153,24 @@ def compile_method(config, fed: federation.Federation, method: str, mesh=None):
   # leaves included), so every round after the first reuses the compiled program.
   init = jax.jit(algo.init, out_shardings=sharding.split(mesh))
   # Metrics come back replicated: every process (jax.distributed) can read them.
-  return init, jax.jit(checked_round, donate_argnums=(0,),
-                       out_shardings=(sharding.split(mesh), sharding.replicated(mesh)))
+  round_fn = jax.jit(checked_round, donate_argnums=(0,),
+                     out_shardings=(sharding.split(mesh), sharding.replicated(mesh)))
+  if jax.process_count() > 1:
+    return init, round_fn
+  # Stored on disk only for the package's own methods: a method from elsewhere may
+  # import code that the stored programs' key (the package source) does not cover.
+  store = config.get('compile_cache', True) and methods.builtin(method)
+  folder = compile_cache.executables_folder() if store else None
+  what = {'method': method, 'clients': sharding.padded_clients(fed.num_clients, mesh),
+          'image_shape': list(fed.image_shape), 'mesh': repr(mesh),
+          'config': program_config(config)}
+  return (compile_cache.Stored(init, folder, f'{method}-init', what),
+          compile_cache.Stored(round_fn, folder, f'{method}-round', what))
+
+
+def program_config(config) -> dict:
+  """``config`` as a flat dict without the fields that change no compiled program
+  (checkpoint.RESUME_IGNORES: seeds, reporting, checkpoints, caches)."""
+  flat = checkpoint.flatten(json.loads(config.to_json_best_effort()))
+  return {k: v for k, v in flat.items()
+          if not any(k == i or k.startswith(i + '.') for i in checkpoint.RESUME_IGNORES)}

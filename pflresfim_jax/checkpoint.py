@@ -123,12 +123,13 @@ def check_writable(workdir: str, need_bytes: int = 0) -> None:
                      'config.checkpoint.keep, or pass --workdir=<a folder with room>')
 
 
-def _flatten(d: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
+def flatten(d: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
+  """A nested dict as ``{'a.b.c': value}``."""
   out = {}
   for k, v in d.items():
     name = f'{prefix}{k}'
     if isinstance(v, dict):
-      out.update(_flatten(v, name + '.'))
+      out.update(flatten(v, name + '.'))
     else:
       out[name] = v
   return out
@@ -144,10 +145,10 @@ def config_diff(saved: Dict[str, Any], now: Dict[str, Any],
   a field the saved config lacks counts as its default there: a field added to the
   package after the run was written, left at its default, does not block a resume.
   """
-  a = _flatten(json.loads(json.dumps(saved)))
+  a = flatten(json.loads(json.dumps(saved)))
   if defaults is not None:
-    a = {**_flatten(json.loads(json.dumps(defaults))), **a}
-  b = _flatten(json.loads(json.dumps(now)))
+    a = {**flatten(json.loads(json.dumps(defaults))), **a}
+  b = flatten(json.loads(json.dumps(now)))
   ignore = tuple(ignore)
   skipped = lambda k: any(k == i or k.startswith(i + '.') for i in ignore)
   return [f'{k}: {a.get(k, "<absent>")!r} in the workdir, {b.get(k, "<absent>")!r} now'

@@ -341,12 +341,17 @@ def _train_methods(config, fed, workdir: str, data, bank, mesh, stop: StopFlag):
   results: Dict[str, Dict] = {}
   for method in build.parse_methods(config.method):
     compiled = build.compile_method(config, fed, method, mesh)
-    state_bytes = checkpoint.tree_bytes(jax.eval_shape(compiled[0], jax.random.PRNGKey(0)))
+    abstract_state = compiled[0].eval_shape(jax.random.PRNGKey(0))   # with its shardings
+    state_bytes = checkpoint.tree_bytes(abstract_state)
     if distributed.is_main():
       checkpoint.check_writable(workdir, len(seeds) * (config.checkpoint.keep + 1) * state_bytes)
-    per_seed = [run_one(config, fed, method, seed,
-                        os.path.join(workdir, build.method_folder(method), f'seed{seed}'),
-                        data, bank, compiled, stop, mesh) for seed in seeds]
+    folders = [os.path.join(workdir, build.method_folder(method), f'seed{s}') for s in seeds]
+    if hasattr(compiled[1], 'prepare') and not all(
+        os.path.exists(os.path.join(f, 'result.json')) for f in folders):
+      # the round compiles while the initial state does (run_one calls both)
+      compiled[1].prepare(abstract_state, data, bank, methods.run_keys(seeds[0])[1], jnp.int32(0))
+    per_seed = [run_one(config, fed, method, seed, folder, data, bank, compiled, stop, mesh)
+                for seed, folder in zip(seeds, folders)]
     rows[method] = [r['test_dice'] for r in per_seed]
     results[method] = {'per_seed': per_seed}
     tables = results_table(fed.clients, rows)

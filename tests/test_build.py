@@ -42,3 +42,31 @@ def test_resolve_picks_phantom_or_paper_defaults():
   c.engine.precision = 'fp8'
   with pytest.raises(ValueError, match='engine.precision'):
     build.resolve(c)
+
+
+def test_compile_method_stores_the_builtin_methods_programs_on_disk_only(request, tmp_path):
+  import jax
+  from pflresfim_jax import compile_cache
+  from tests.fed_helpers import tiny_config, tiny_fed
+  before = jax.config.jax_compilation_cache_dir
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path))   # nothing compiles here
+  request.addfinalizer(lambda: jax.config.update('jax_compilation_cache_dir', before))
+  assert compile_cache.executables_folder() == os.path.join(str(tmp_path), compile_cache.EXECUTABLES)
+  cfg, fed = build.resolve(tiny_config()), tiny_fed()
+  init, round_fn = build.compile_method(cfg, fed, 'fedavg')
+  assert isinstance(init, compile_cache.Stored) and isinstance(round_fn, compile_cache.Stored)
+  assert round_fn.folder == compile_cache.executables_folder() and hasattr(round_fn, 'lower')
+  spec = os.path.join(ROOT, 'examples', 'update_mask.py') + ':UpdateMask'
+  build.parse_methods(spec)
+  for config, method in ((cfg, spec), (build.resolve(tiny_config(compile_cache=False)), 'fedavg')):
+    init, round_fn = build.compile_method(config, fed, method)   # compiled ahead, kept in memory
+    assert init.folder is None and round_fn.folder is None
+
+
+def test_program_config_leaves_out_what_changes_no_program():
+  from tests.fed_helpers import tiny_config
+  base = build.program_config(build.resolve(tiny_config()))
+  same = build.resolve(tiny_config(seeds='3,4', method='fedbn', **{'report.enabled': False}))
+  assert build.program_config(same) == base
+  assert build.program_config(build.resolve(tiny_config(batch_size=2))) != base
+  assert 'seeds' not in base and 'batch_size' in base

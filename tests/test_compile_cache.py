@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -54,3 +55,95 @@ def test_environment_folder_wins(monkeypatch, tmp_path):
     assert compile_cache.enable(str(tmp_path / 'other')) == str(tmp_path / 'mine')
   finally:
     jax.config.update('jax_compilation_cache_dir', before)
+
+
+# ------------------------------------------------------------------ stored executables
+# A fresh process per run: the program counts its traces (a Python side effect runs only
+# while tracing), so a run that loaded the stored executable reports 0.
+STORED = """
+import collections, json, sys, jax, jax.numpy as jnp, numpy as np
+from pflresfim_jax import compile_cache
+folder, what, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+Pair = collections.namedtuple('Pair', 'a b')
+traces = []
+def step(state, x):
+  traces.append(1)
+  a = state.a * jnp.cos(x) + 1.0
+  return Pair(a, state.b + jnp.sum(a)), {'mean': jnp.mean(a)}
+jitted = jax.jit(step, donate_argnums=(0,))
+if mode == 'jax-only':   # JAX's cache stores it; Stored is not involved
+  out = jitted(Pair(jnp.ones((32, 32)), jnp.zeros(())), jnp.arange(32.0))
+else:
+  fn = compile_cache.Stored(jitted, folder, 'toy', {'what': what})
+  if mode == 'shape':    # under a trace it is the jitted function
+    print(json.dumps({'shape': list(jax.eval_shape(fn, Pair(jnp.ones((4, 4)), jnp.zeros(())),
+                                                   jnp.arange(4.0))[0].a.shape)}))
+    sys.exit(0)
+  out = fn(Pair(jnp.ones((32, 32)), jnp.zeros(())), jnp.arange(32.0))
+  out = fn(out[0], jnp.arange(32.0))        # the same program again, donated input
+print(json.dumps({'traces': len(traces), 'b': np.asarray(out[0].b).tobytes().hex(),
+                  'mean': float(out[1]['mean'])}))
+"""
+
+
+def _stored(tmp_path, what='a', mode='stored', jax_cache='xla'):
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  env['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path / jax_cache)   # JAX's own cache
+  env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  out = subprocess.run([sys.executable, '-c', STORED, str(tmp_path / 'xla' / compile_cache.EXECUTABLES),
+                        what, mode], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
+
+
+def _stored_files(tmp_path):
+  return _entries(tmp_path / 'xla' / compile_cache.EXECUTABLES)
+
+
+def test_stored_executable_is_loaded_without_tracing_and_gives_the_same_bits(tmp_path):
+  first, _ = _stored(tmp_path)
+  assert first['traces'] == 1 and len(_stored_files(tmp_path)) == 1
+  second, _ = _stored(tmp_path)
+  assert second['traces'] == 0, 'a stored program is loaded, not traced'
+  assert second == {**first, 'traces': 0}
+  # Another description is another key: traced again (here JAX's cache then serves the
+  # same lowered program, which is not stored twice).
+  other, _ = _stored(tmp_path, what='b')
+  assert other['traces'] == 1 and other['b'] == first['b'] and len(_stored_files(tmp_path)) == 1
+  assert _stored(tmp_path, mode='shape')[0] == {'shape': [4, 4]}
+
+
+def test_unreadable_stored_executable_is_compiled_again(tmp_path):
+  first, _ = _stored(tmp_path)
+  (path,) = _stored_files(tmp_path)
+  with open(tmp_path / 'xla' / compile_cache.EXECUTABLES / path, 'wb') as f:
+    f.write(b'not a program')
+  again, log = _stored(tmp_path, jax_cache='empty')   # so that it is compiled afresh
+  assert 'unreadable' in log and path in log
+  assert again == first and _stored_files(tmp_path) == [path]   # right, and stored anew
+  assert _stored(tmp_path)[0] == {**first, 'traces': 0}
+  with open(tmp_path / 'xla' / compile_cache.EXECUTABLES / path, 'wb') as f:
+    f.write(b'not a program')
+  again, log = _stored(tmp_path)    # JAX's cache serves it: the bad file is removed
+  assert 'unreadable' in log and again == first and _stored_files(tmp_path) == []
+
+
+def test_a_program_loaded_from_jax_cache_is_not_stored_again(tmp_path):
+  # XLA:CPU cannot serialize an executable it deserialized (its functions go missing:
+  # "Function ... not found" at the next run), so only fresh compilations are kept.
+  _stored(tmp_path, mode='jax-only')
+  first, _ = _stored(tmp_path)
+  assert first['traces'] == 1 and _stored_files(tmp_path) == []
+  assert _stored(tmp_path)[0] == first      # still right: JAX's cache serves it
+
+
+def test_source_digest_follows_python_files_only(tmp_path):
+  (tmp_path / 'pkg').mkdir()
+  (tmp_path / 'pkg' / 'a.py').write_text('x = 1\n')
+  (tmp_path / 'pkg' / 'notes.md').write_text('hello\n')
+  before = compile_cache.source_digest(str(tmp_path / 'pkg'))
+  (tmp_path / 'pkg' / 'notes.md').write_text('changed\n')
+  assert compile_cache.source_digest(str(tmp_path / 'pkg')) == before
+  (tmp_path / 'pkg' / 'a.py').write_text('x = 2\n')
+  assert compile_cache.source_digest(str(tmp_path / 'pkg')) != before
+  assert len(compile_cache.source_digest()) == 64   # the package's own

@@ -45,7 +45,7 @@ from pflresfim_jax.methods.pn import PN
 from pflresfim_jax.methods.scaffold import Scaffold
 from pflresfim_jax.methods.simple import FedAvg, FedBN, FedPer, LGFedAvg, Local, SiloBN
 
-__all__ = ['Algorithm', 'Context', 'Contract', 'Method', 'build', 'client_keys', 'get',
+__all__ = ['Algorithm', 'Context', 'Contract', 'Method', 'build', 'builtin', 'client_keys', 'get',
            'names', 'register', 'run_keys']
 
 Factory = Callable[[Context], Method]
@@ -105,6 +105,12 @@ def get(name: str) -> Factory:
     return register(name, factory)
   raise ValueError(f'config.method: unknown method {name!r}; choose from '
                    f'{", ".join(names())} (or all), or name your own as module:Class')
+
+
+def builtin(name: str) -> bool:
+  """Whether ``name`` is one of the package's own methods (not replaced by register)."""
+  factory = _REGISTRY.get(name)
+  return name in METHODS and getattr(factory, '__module__', '').startswith('pflresfim_jax.')
 
 
 def build(name: str, ctx: Context) -> Algorithm:
