@@ -165,6 +165,10 @@ class Stored:
   def __getattr__(self, attr):
     return getattr(self.jitted, attr)
 
+  def _cache_size(self) -> int:
+    """How many programs this function holds (jax.jit's counterpart counts its own)."""
+    return len(self._programs)
+
   def __call__(self, *args):
     leaves = jax.tree.leaves(args)
     if any(isinstance(x, jax.core.Tracer) for x in leaves):
