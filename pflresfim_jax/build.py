@@ -164,8 +164,9 @@ def compile_method(config, fed: federation.Federation, method: str, mesh=None):
   what = {'method': method, 'clients': sharding.padded_clients(fed.num_clients, mesh),
           'image_shape': list(fed.image_shape), 'mesh': repr(mesh),
           'config': program_config(config)}
-  return (compile_cache.Stored(init, folder, f'{method}-init', what),
-          compile_cache.Stored(round_fn, folder, f'{method}-round', what))
+  name = method_folder(method)
+  return (compile_cache.Stored(init, folder, f'{name}-init', what),
+          compile_cache.Stored(round_fn, folder, f'{name}-round', what))
 
 
 def program_config(config) -> dict:

@@ -23,7 +23,6 @@ import logging
 import os
 import pickle
 import platform
-import re
 import sys
 import threading
 import zlib
@@ -149,14 +148,13 @@ class Stored:
     jitted: a ``jax.jit`` function.
     folder: the executables' folder (:func:`executables_folder`), or None to keep
       them in memory only.
-    name: a file-name prefix (e.g. 'pfl_resfim-round').
+    name: a file-name prefix, already a safe file name (e.g. 'pfl_resfim-round').
     what: JSON-able description of everything the program depends on that is not in
       the package source, the environment or the arguments (method, config, ...).
   """
 
   def __init__(self, jitted: Callable, folder: Optional[str], name: str, what):
-    self.jitted, self.folder = jitted, folder
-    self.name = re.sub(r'[^A-Za-z0-9_.+-]+', '_', name)
+    self.jitted, self.folder, self.name = jitted, folder, name
     self._what = what
     self._key = None
     self._lock = threading.Lock()
@@ -170,10 +168,10 @@ class Stored:
     return len(self._programs)
 
   def __call__(self, *args):
-    leaves = jax.tree.leaves(args)
+    leaves, treedef = jax.tree.flatten(args)
     if any(isinstance(x, jax.core.Tracer) for x in leaves):
       return self.jitted(*args)
-    return self._program(args, background=False).result()(*args)
+    return self._program(args, leaves, treedef, background=False).result()(*args)
 
   def prepare(self, *args) -> None:
     """Load or compile the program for arguments like ``args`` (arrays, or
@@ -181,10 +179,9 @@ class Stored:
     background thread; a later call with such arguments waits for it instead of
     compiling. Call it only for a program that will run: the process waits for the
     thread before it exits."""
-    self._program(args, background=True)
+    self._program(args, *jax.tree.flatten(args), background=True)
 
-  def _program(self, args, background: bool) -> concurrent.futures.Future:
-    leaves, treedef = jax.tree.flatten(args)
+  def _program(self, args, leaves, treedef, background: bool) -> concurrent.futures.Future:
     sig = _digest(_signature(leaves, treedef))
     with self._lock:
       future = self._programs.get(sig)
@@ -223,6 +220,8 @@ class Stored:
       return None
 
   def _compile(self, path: Optional[str], args):
+    if path is None:
+      return self.jitted.lower(*args).compile()
     thread, hits = threading.get_ident(), []
     def listen(event, **kwargs):
       if event == '/jax/compilation_cache/cache_hits' and threading.get_ident() == thread:
@@ -232,8 +231,6 @@ class Stored:
       compiled = self.jitted.lower(*args).compile()
     finally:
       jax.monitoring.unregister_event_listener(listen)
-    if path is None:
-      return compiled
     if hits:   # XLA:CPU cannot serialize an executable it loaded: only fresh ones are kept
       log.info('%s came from JAX\'s cache; not stored again', self.name)
       return compiled
