@@ -72,10 +72,11 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def load_federation(config) -> federation.Federation:
   """The phantom when no data folder is given, else the real loaders."""
+  from pflresfim_jax.data import loaders  # it imports PIL / nibabel only to read files
   if config.data.root is None and not config.data.clients:
     return phantom.load(seed=config.phantom.seed, image_size=config.phantom.image_size,
-                        num_sites=config.phantom.num_sites, shift=config.phantom.shift)
-  from pflresfim_jax.data import loaders  # PIL / nibabel only when real data is read
+                        num_sites=config.phantom.num_sites, shift=config.phantom.shift,
+                        cache_dir=loaders.cache_root(config))
   return loaders.load(config)
 
 

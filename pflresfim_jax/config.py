@@ -32,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.root = config_dict.placeholder(str)   # None: the built-in phantom
   c.data.clients = ''            # 'NAME=/path,...' to point clients at their own folders
   c.data.image_size = (256, 256)  # (H, W)
-  c.data.cache_dir = config_dict.placeholder(str)  # None: ~/.cache/pflresfim_jax
+  c.data.cache_dir = config_dict.placeholder(str)  # None: $XDG_CACHE_HOME/pflresfim_jax (~/.cache/...)
   c.data.split_seed = 0          # seeded train/val/test cuts
 
   c.phantom = ml_collections.ConfigDict()

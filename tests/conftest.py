@@ -13,6 +13,11 @@ if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0').strip()
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:   # xdist workers inherit the controller's
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='pflresfim-test-xla-')
+# The entry points' own cache (data.cache_dir's default: the drawn phantom, decoded data)
+# is private to the session too, not the user's ~/.cache.
+if 'PFLRESFIM_TEST_CACHE' not in os.environ:
+  os.environ['PFLRESFIM_TEST_CACHE'] = os.environ['XDG_CACHE_HOME'] = tempfile.mkdtemp(
+      prefix='pflresfim-test-cache-')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 sys.path.insert(0, os.path.dirname(__file__))

@@ -107,6 +107,37 @@ def test_load_splits_are_disjoint_and_padded():
     phantom.load(num_sites=9)
 
 
+def test_load_with_a_cache_dir_keeps_the_drawn_images(tmp_path, monkeypatch, caplog):
+  kwargs = dict(seed=2, image_size=16, num_sites=2, images_per_site=[5, 4], shift='style')
+  plain = phantom.load(**kwargs)
+  first = phantom.load(**kwargs, cache_dir=str(tmp_path))
+  files = sorted(os.listdir(tmp_path))
+  assert len(files) == 1 and files[0].startswith('phantom-') and files[0].endswith('.npz')
+
+  def no_drawing(*a, **k):
+    raise AssertionError('drawn again despite the cache')
+  monkeypatch.setattr(phantom, 'generate', no_drawing)
+  second = phantom.load(**kwargs, cache_dir=str(tmp_path))
+  for fed in (first, second):
+    for s in federation.SPLITS:
+      for a in ('images', 'labels', 'counts'):
+        np.testing.assert_array_equal(getattr(getattr(fed, s), a), getattr(getattr(plain, s), a))
+        assert getattr(getattr(fed, s), a).dtype == getattr(getattr(plain, s), a).dtype
+  monkeypatch.undo()
+  # Other settings are another file; an unreadable file is drawn and written again.
+  phantom.load(**{**kwargs, 'seed': 3}, cache_dir=str(tmp_path))
+  assert len(os.listdir(tmp_path)) == 2
+  with open(tmp_path / files[0], 'wb') as f:
+    f.write(b'not an npz')
+  with caplog.at_level('WARNING', logger='pflresfim_jax'):
+    again = phantom.load(**kwargs, cache_dir=str(tmp_path))
+  assert 'unreadable' in caplog.text and files[0] in caplog.text
+  np.testing.assert_array_equal(again.train.images, plain.train.images)
+  with np.load(tmp_path / files[0]) as z:
+    assert len(z.files) == 4
+  assert not [f for f in os.listdir(tmp_path) if 'tmp' in f]
+
+
 def test_empty_split_is_an_error_naming_the_client():
   x = np.zeros((3, 4, 4, 3), np.float32)
   y = np.zeros((3, 4, 4, 1), np.float32)

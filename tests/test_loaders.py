@@ -250,3 +250,12 @@ def test_configs_train_on_a_data_root(tmp_path, name):
   assert out['clients'] == clients
   assert (tmp_path / 'run' / 'results.csv').read_text().splitlines()[0] == ','.join(['method', *clients, 'mean'])
   assert tree_hash(root) == before
+
+
+def test_cache_root_is_the_config_field_else_the_xdg_cache_folder(monkeypatch, tmp_path):
+  assert loaders.cache_root(cfg('vessel', cache=str(tmp_path / 'c'))) == str(tmp_path / 'c')
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+  assert loaders.cache_root(cfg('vessel')) == str(tmp_path / 'xdg' / 'pflresfim_jax')
+  monkeypatch.delenv('XDG_CACHE_HOME')
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  assert loaders.cache_root(cfg('vessel')) == str(tmp_path / 'home' / '.cache' / 'pflresfim_jax')

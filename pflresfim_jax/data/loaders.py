@@ -336,8 +336,10 @@ def _hw(config) -> Tuple[int, int]:
 
 
 def cache_root(config) -> str:
-  """``data.cache_dir``, or ``~/.cache/pflresfim_jax``: decoded data and compiled programs."""
-  return config.data.get('cache_dir') or os.path.join(os.path.expanduser('~'), '.cache', 'pflresfim_jax')
+  """``data.cache_dir``, or ``$XDG_CACHE_HOME/pflresfim_jax`` (``~/.cache/pflresfim_jax``):
+  decoded data, the drawn phantom and compiled programs."""
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return config.data.get('cache_dir') or os.path.join(base, 'pflresfim_jax')
 
 
 def _cache_dir(config) -> str:

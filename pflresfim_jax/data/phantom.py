@@ -17,13 +17,18 @@ Fed-Vessel benchmark layout so the real loaders can be exercised on it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import logging
 import os
-from typing import Dict, List, Sequence, Tuple
+import zipfile
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from pflresfim_jax.data import federation
 
+log = logging.getLogger('pflresfim_jax')
 
 @dataclasses.dataclass(frozen=True)
 class SiteStyle:
@@ -185,6 +190,35 @@ def generate(seed: int = 0, image_size: int = 64, sites: Sequence[SiteStyle] = S
   return out
 
 
+def _cache_key(seed: int, image_size: int, sites: Sequence[SiteStyle],
+               images_per_site: Sequence[int]) -> str:
+  """What :func:`generate`'s arrays depend on: its arguments, this file's code, numpy."""
+  with open(__file__, 'rb') as f:
+    source = hashlib.sha256(f.read()).hexdigest()
+  what = [seed, image_size, [dataclasses.astuple(s) for s in sites], list(images_per_site),
+          source, np.__version__]
+  return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:24]
+
+
+def _cached_generate(cache_dir: str, seed: int, image_size: int, sites: Sequence[SiteStyle],
+                     images_per_site: Sequence[int]) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+  """:func:`generate`, kept in ``<cache_dir>/phantom-<key>.npz`` (the key: its arguments,
+  this file's source and numpy's version). An unreadable file is drawn and written again."""
+  path = os.path.join(cache_dir, f'phantom-{_cache_key(seed, image_size, sites, images_per_site)}.npz')
+  if os.path.exists(path):
+    try:
+      with np.load(path) as z:
+        return {s.name: (z[f'{s.name}/x'], z[f'{s.name}/y']) for s in sites}
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+      log.warning('phantom cache %s unreadable (%s): drawing the images again', path, e)
+  data = generate(seed, image_size, sites, images_per_site)
+  os.makedirs(cache_dir, exist_ok=True)
+  tmp = f'{path}.{os.getpid()}.tmp.npz'
+  np.savez(tmp, **{f'{n}/{a}': arr for n, (x, y) in data.items() for a, arr in (('x', x), ('y', y))})
+  os.replace(tmp, path)
+  return data
+
+
 def _test_split(n: int, test_fraction: float, seed: int):
   """(train+val indices, test indices) of one site: shared by load and the disk layout."""
   return federation.split_indices(n, [1 - test_fraction, test_fraction], seed)
@@ -192,16 +226,20 @@ def _test_split(n: int, test_fraction: float, seed: int):
 
 def load(seed: int = 0, image_size: int = 64, test_fraction: float = 0.3,
          val_fraction: float = 0.2, num_sites: int = len(SITES),
-         images_per_site: Sequence[int] = (), shift: str = 'mixed') -> federation.Federation:
+         images_per_site: Sequence[int] = (), shift: str = 'mixed',
+         cache_dir: Optional[str] = None) -> federation.Federation:
   """The phantom as a :class:`Federation`.
 
   Each site: ``test_fraction`` of its images is the test split, the rest is split
   ``1 - val_fraction`` / ``val_fraction`` into train / val (seeded shuffles), like the
   benchmark's Train/Test folders with the 80/20 train/val cut. ``shift``: see
   :func:`sites_for` (the anatomy drawn for a seed is the same under every shift).
+  ``cache_dir``: keep the drawn images there (:func:`_cached_generate`; the same arrays,
+  bit for bit, without drawing them again).
   """
   sites = sites_for(shift, num_sites)
-  data = generate(seed, image_size, sites, images_per_site)
+  data = (generate(seed, image_size, sites, images_per_site) if cache_dir is None
+          else _cached_generate(cache_dir, seed, image_size, sites, images_per_site))
   per_client = []
   for k, site in enumerate(sites):
     x, y = data[site.name]
