@@ -123,6 +123,19 @@ def spectral_bank(fed: federation.Federation, config, mesh=None) -> Dict[str, ja
   return jax.device_put(out, sharding.replicated(mesh or sharding.client_mesh(1)))
 
 
+def bank_spec(fed: federation.Federation, config, mesh=None) -> Dict[str, jax.ShapeDtypeStruct]:
+  """What :func:`spectral_bank` returns (shapes, dtypes, shardings) without computing it:
+  a program can be prepared for the bank before the bank exists."""
+  h, w, c = fed.image_shape
+  b = spectral.low_freq_window((h, w), config.spectral.ratio)
+  m = fed.num_clients if config.spectral.share == 'client_mean' else int(np.sum(fed.train.counts))
+  one = sharding.replicated(mesh or sharding.client_mesh(1))
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=one)
+  return {'windows': spec((m, 2 * b + 1, 2 * b + 1, c), jnp.float32), 'owner': spec((m,), jnp.int32),
+          'channel_mean': spec((fed.num_clients, c), jnp.float32),
+          'channel_std': spec((fed.num_clients, c), jnp.float32)}
+
+
 def algorithm(config, method: str, num_clients: int, image_shape: Sequence[int], mesh=None
               ) -> methods.Algorithm:
   """methods.build for a run: ``num_clients`` stacked clients of ``image_shape`` images."""

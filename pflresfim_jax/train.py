@@ -333,12 +333,13 @@ def prepare_workdir(config, workdir: str) -> str:
   return workdir
 
 
-def _train_methods(config, fed, workdir: str, data, bank, mesh, stop: StopFlag):
+def _train_methods(config, fed, workdir: str, data, mesh, stop: StopFlag):
   """Every method and seed of ``config`` (run_one each); results.md/csv are rewritten
   after every method, so partial results survive. Returns (results, tables)."""
   seeds = build.parse_seeds(config.seeds)
   rows: Dict[str, List[np.ndarray]] = {}
   results: Dict[str, Dict] = {}
+  bank = None
   for method in build.parse_methods(config.method):
     compiled = build.compile_method(config, fed, method, mesh)
     abstract_state = compiled[0].eval_shape(jax.random.PRNGKey(0))   # with its shardings
@@ -348,8 +349,11 @@ def _train_methods(config, fed, workdir: str, data, bank, mesh, stop: StopFlag):
     folders = [os.path.join(workdir, build.method_folder(method), f'seed{s}') for s in seeds]
     if hasattr(compiled[1], 'prepare') and not all(
         os.path.exists(os.path.join(f, 'result.json')) for f in folders):
-      # the round compiles while the initial state does (run_one calls both)
-      compiled[1].prepare(abstract_state, data, bank, methods.run_keys(seeds[0])[1], jnp.int32(0))
+      # the round compiles (or loads) while the bank is built and the initial state
+      # compiles (run_one calls both)
+      compiled[1].prepare(abstract_state, data, build.bank_spec(fed, config, mesh),
+                          methods.run_keys(seeds[0])[1], jnp.int32(0))
+    bank = build.spectral_bank(fed, config, mesh) if bank is None else bank
     per_seed = [run_one(config, fed, method, seed, folder, data, bank, compiled, stop, mesh)
                 for seed, folder in zip(seeds, folders)]
     rows[method] = [r['test_dice'] for r in per_seed]
@@ -384,9 +388,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   log.warning('JAX backend %s, client axis %s, %d device(s) (%d clients padded to %d)',
               jax.default_backend(), engine.resolve_client_axis(config.engine.client_axis),
               mesh.size, fed.num_clients, sharding.padded_clients(fed.num_clients, mesh))
-  data, bank = build.device_data(fed, mesh), build.spectral_bank(fed, config, mesh)
+  data = build.device_data(fed, mesh)
   with StopFlag(config.checkpoint.stop_grace) as stop:
-    results, tables = stop.run(_train_methods, config, fed, workdir, data, bank, mesh, stop)
+    results, tables = stop.run(_train_methods, config, fed, workdir, data, mesh, stop)
   if not distributed.is_main():
     return {'workdir': workdir, 'clients': list(fed.clients), 'methods': results, 'tables': tables}
   print(f'\nTest Dice (%) per client, recorded at the best val Dice of rounds '

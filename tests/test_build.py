@@ -70,3 +70,18 @@ def test_program_config_leaves_out_what_changes_no_program():
   assert build.program_config(same) == base
   assert build.program_config(build.resolve(tiny_config(batch_size=2))) != base
   assert 'seeds' not in base and 'batch_size' in base
+
+
+@pytest.mark.parametrize('share', ['per_image', 'client_mean'])
+def test_bank_spec_is_the_banks_shapes_dtypes_and_shardings(share):
+  import jax
+  from pflresfim_jax import compile_cache
+  from tests.fed_helpers import tiny_config, tiny_fed
+  cfg, fed = tiny_config(**{'spectral.share': share}), tiny_fed()
+  bank, spec = build.spectral_bank(fed, cfg), build.bank_spec(fed, cfg)
+  assert jax.tree.structure(bank) == jax.tree.structure(spec)
+  for got, want in zip(jax.tree.leaves(bank), jax.tree.leaves(spec)):
+    assert (got.shape, got.dtype, got.sharding) == (want.shape, want.dtype, want.sharding)
+  # what Stored keys a program by: a program prepared for the spec serves the bank
+  assert compile_cache._signature(*jax.tree.flatten(bank)) == compile_cache._signature(
+      *jax.tree.flatten(spec))

@@ -228,3 +228,22 @@ def test_non_finite_stops_with_round_and_client_keeping_last_checkpoint(tmp_path
   assert 'after round 1' in msg
   assert sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit())[-1] == 1
   assert _lines(tmp_path / 'metrics.jsonl') == 2 and not (tmp_path / 'result.json').exists()
+
+
+def test_round_prepared_ahead_is_the_one_the_rounds_run(tmp_path, monkeypatch):
+  """_train_methods prepares the round from abstract arguments (the initial state's
+  eval_shape, build.bank_spec) before the bank exists: the rounds must then run that
+  program, not compile a second one for a signature that differs."""
+  from fed_helpers import tiny_config
+  made = []
+
+  def compile_method(*args, **kwargs):
+    made.append(real(*args, **kwargs))
+    return made[-1]
+  real = build.compile_method
+  monkeypatch.setattr(build, 'compile_method', compile_method)
+  cfg = tiny_config(method='fedavg', **{'report.enabled': False})
+  out = train.train_and_evaluate(cfg, str(tmp_path))
+  assert out['methods']['fedavg']['per_seed'][0]['test_dice'].shape == (3,)
+  (init, round_fn), = made
+  assert init._cache_size() == 1 and round_fn._cache_size() == 1
