@@ -136,6 +136,12 @@ def test_load_with_a_cache_dir_keeps_the_drawn_images(tmp_path, monkeypatch, cap
   with np.load(tmp_path / files[0]) as z:
     assert len(z.files) == 4
   assert not [f for f in os.listdir(tmp_path) if 'tmp' in f]
+  blocked = tmp_path / 'a-file'   # a cache folder that cannot be made: warned, not fatal
+  blocked.write_text('in the way')
+  with caplog.at_level('WARNING', logger='pflresfim_jax'):
+    fed = phantom.load(**kwargs, cache_dir=str(blocked / 'cache'))
+  assert 'phantom not cached' in caplog.text
+  np.testing.assert_array_equal(fed.test.labels, plain.test.labels)
 
 
 def test_empty_split_is_an_error_naming_the_client():

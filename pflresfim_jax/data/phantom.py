@@ -203,7 +203,8 @@ def _cache_key(seed: int, image_size: int, sites: Sequence[SiteStyle],
 def _cached_generate(cache_dir: str, seed: int, image_size: int, sites: Sequence[SiteStyle],
                      images_per_site: Sequence[int]) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
   """:func:`generate`, kept in ``<cache_dir>/phantom-<key>.npz`` (the key: its arguments,
-  this file's source and numpy's version). An unreadable file is drawn and written again."""
+  this file's source and numpy's version). An unreadable file is drawn and written again;
+  a folder that cannot be written is only warned about."""
   path = os.path.join(cache_dir, f'phantom-{_cache_key(seed, image_size, sites, images_per_site)}.npz')
   if os.path.exists(path):
     try:
@@ -212,10 +213,15 @@ def _cached_generate(cache_dir: str, seed: int, image_size: int, sites: Sequence
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
       log.warning('phantom cache %s unreadable (%s): drawing the images again', path, e)
   data = generate(seed, image_size, sites, images_per_site)
-  os.makedirs(cache_dir, exist_ok=True)
   tmp = f'{path}.{os.getpid()}.tmp.npz'
-  np.savez(tmp, **{f'{n}/{a}': arr for n, (x, y) in data.items() for a, arr in (('x', x), ('y', y))})
-  os.replace(tmp, path)
+  try:
+    os.makedirs(cache_dir, exist_ok=True)
+    np.savez(tmp, **{f'{n}/{a}': arr for n, (x, y) in data.items() for a, arr in (('x', x), ('y', y))})
+    os.replace(tmp, path)
+  except OSError as e:   # only a cache: the run goes on without it
+    log.warning('phantom not cached in %s (%s)', cache_dir, e)
+    if os.path.exists(tmp):
+      os.remove(tmp)
   return data
 
 
