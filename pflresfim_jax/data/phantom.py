@@ -30,6 +30,7 @@ from pflresfim_jax.data import federation
 
 log = logging.getLogger('pflresfim_jax')
 
+
 @dataclasses.dataclass(frozen=True)
 class SiteStyle:
   name: str
