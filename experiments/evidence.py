@@ -13,7 +13,7 @@ sys.path.insert(0, ROOT)
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from pflresfim_jax import cli, compile_cache, evidence  # noqa: E402
+from pflresfim_jax import cli, evidence  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', os.path.join(ROOT, 'configs', 'evidence.py'), 'Experiment config file.',
@@ -27,7 +27,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
-  compile_cache.from_config(config)   # the cells share their compiled programs
+  cli.prepare(config)   # before any other JAX call: devices, compilation cache
   cli.run(evidence.run, config, _WORKDIR.value, _OUT.value, _SHIFTS.value)
 
 

@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from pflresfim_jax import cli, compile_cache, train  # noqa: E402
+from pflresfim_jax import cli, train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (default: runs/<data>-<method>).')
@@ -21,10 +21,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
-  if config.distributed:   # before any other JAX call
-    from pflresfim_jax import distributed
-    distributed.initialize(config)
-  compile_cache.from_config(config)   # before anything compiles
+  cli.prepare(config)   # before any other JAX call: devices, compilation cache
   workdir = _WORKDIR.value or train.default_workdir(config)
   cli.run(train.train_and_evaluate, config, workdir)
 

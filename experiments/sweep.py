@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from pflresfim_jax import cli, compile_cache, sweep, train  # noqa: E402
+from pflresfim_jax import cli, sweep, train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 _SWEEP = flags.DEFINE_string('sweep', None, "Grid: 'field=v1,v2;other.field=w1,w2'.")
@@ -23,7 +23,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
-  compile_cache.from_config(config)   # the cells share their compiled programs
+  cli.prepare(config)   # before any other JAX call: devices, compilation cache
   workdir = _WORKDIR.value or os.path.join(
       os.path.dirname(train.default_workdir(config)), 'sweep-' + os.path.basename(train.default_workdir(config)))
   cli.run(sweep.run, config, _SWEEP.value, workdir)

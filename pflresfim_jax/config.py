@@ -91,6 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.engine.unroll = 'auto'       # unroll training/Fisher loops: 'auto' (no), 'true', 'false'
   c.engine.precision = 'fp32'
   c.engine.devices = 'auto'      # devices the client axis is split over: 'auto' (all) or an int
+  c.engine.cpu_devices = 2       # XLA devices the host CPU is split into (entry points, at start):
+                                 # each runs its clients on its own thread; 1: one device
+                                 # (README, Execution on CPU and accelerators)
 
   # Many processes, one simulation (pflresfim_jax/distributed.py): every process runs
   # the same command; empty / -1 cluster fields are auto-detected (TPU pods, Slurm, MPI).
@@ -195,6 +198,7 @@ RULES = {
     'engine.client_axis': _one_of('vmap', 'map', 'auto'),
     'engine.unroll': _one_of('auto', True, False, 'true', 'false'),
     'engine.precision': _one_of('fp32', 'bf16'), 'engine.devices': _devices,
+    'engine.cpu_devices': _INT1,
     'cluster.num_processes': _INT0, 'cluster.process_id': _number(-1, integer=True),
     'checkpoint.every': _INT1, 'checkpoint.keep': _INT1, 'checkpoint.stop_grace': _number(0.0),
     'report.examples': _INT0,

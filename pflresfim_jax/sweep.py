@@ -75,6 +75,10 @@ def override(config: ml_collections.ConfigDict, spec: str, who: str = 'override'
   return with_values(config, cell)
 
 
+# Fields read once at start-up (cli.prepare), before any cell runs.
+ONCE_PER_PROCESS = ('engine.cpu_devices', 'distributed', 'compile_cache')
+
+
 def parse_grid(spec: str, config: ml_collections.ConfigDict) -> List[Tuple[str, List[Any]]]:
   """``'a.b=1,2;c=x,y'`` -> ``[('a.b', [1, 2]), ('c', ['x', 'y'])]`` typed like the config.
 
@@ -88,6 +92,9 @@ def parse_grid(spec: str, config: ml_collections.ConfigDict) -> List[Tuple[str, 
     like = _field_value(config, field, 'sweep')
     if field in ('method', 'seeds'):
       raise ValueError(f'sweep: set {field} with --config.{field}; it applies to every cell')
+    if field in ONCE_PER_PROCESS:
+      raise ValueError(f'sweep: {field} is applied once, when the process starts; set it '
+                       f'with --config.{field} for the whole sweep')
     try:
       parsed = [_value(v.strip(), like) for v in values.split(',') if v.strip()]
     except (ValueError, SyntaxError) as e:

@@ -28,6 +28,31 @@ def test_padding_and_mesh_helpers():
     sharding.client_mesh('many')
 
 
+SPLIT = r'''
+import json, logging, sys
+import jax
+from pflresfim_jax.clients import sharding
+logging.basicConfig()
+first = sharding.split_host_cpu(int(sys.argv[1]))
+jax.numpy.zeros(1).block_until_ready()       # the backends run from here on
+again = sharding.split_host_cpu(1)             # too late: kept, with a warning
+print(json.dumps([first, again, len(jax.devices('cpu'))]))
+'''
+
+
+@pytest.mark.parametrize('xla_flags, want', [('', [3, 3, 3]),
+                                             ('--xla_force_host_platform_device_count=5', [5, 5, 5])])
+def test_split_host_cpu_applies_before_jax_starts_and_the_environment_wins(xla_flags, want):
+  env = {**os.environ, 'XLA_FLAGS': xla_flags, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT}
+  env.pop('JAX_NUM_CPU_DEVICES', None)
+  proc = subprocess.run([sys.executable, '-c', SPLIT, '3'], capture_output=True, text=True,
+                        env=env, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads(proc.stdout.strip().splitlines()[-1]) == want
+  assert 'engine.cpu_devices=1, but the host CPU is' in proc.stderr
+  assert ('set by the environment' in proc.stderr) == bool(xla_flags)
+
+
 SCRIPT = r'''
 import json, sys
 import jax, numpy as np

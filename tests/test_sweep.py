@@ -21,6 +21,8 @@ def test_parse_grid_types_and_errors():
     sweep.parse_grid('local_epochs=two', c)
   with pytest.raises(ValueError, match='--config.method'):
     sweep.parse_grid('method=fedavg,local', c)
+  with pytest.raises(ValueError, match='once, when the process starts.*--config.engine.cpu_devices'):
+    sweep.parse_grid('engine.cpu_devices=1,2', c)
   with pytest.raises(ValueError, match='grid is empty'):
     sweep.parse_grid(' ; ', c)
   assert sweep.with_values(c, {'resfim.ratio': 0.3}).resfim.ratio == 0.3 and c.resfim.ratio == 0.2

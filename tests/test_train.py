@@ -50,9 +50,13 @@ def test_main_end_to_end(tmp_path):
          '--config.local_epochs=1', '--config.model.base=2', '--config.model.levels=3', '--config.phantom.image_size=16',
          '--config.phantom.num_sites=2', '--config.eval.batch_size=4']
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  env.pop('JAX_NUM_CPU_DEVICES', None)
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'built-in phantom' in proc.stderr
+  # engine.cpu_devices (default 2) split the host before JAX started: one client each.
+  assert 'client axis map, 2 device(s) (2 clients padded to 2)' in proc.stderr
+  assert 'xla_bridge' not in proc.stderr   # JAX's start-up INFO lines stay quiet
   assert '| method | PhantomA | PhantomB | mean |' in proc.stdout
   md = (workdir / 'results.md').read_text().splitlines()
   assert md[2].startswith('| local |') and md[3].startswith('| fedavg |') and '±' in md[3]
@@ -60,7 +64,8 @@ def test_main_end_to_end(tmp_path):
   assert len(lines) == 2
   rec = json.loads(lines[-1])
   assert rec['round'] == 1 and len(rec['val']['dice']) == 2 and 0 <= rec['val']['dice'][0] <= 1
-  assert json.loads((workdir / 'config.json').read_text())['rounds'] == 2
+  saved = json.loads((workdir / 'config.json').read_text())
+  assert saved['rounds'] == 2 and saved['engine']['cpu_devices'] == 2
 
 
 def test_main_reports_bad_config(tmp_path):

@@ -10,6 +10,8 @@ all-reduces. One device is the same code with a mesh of one.
 """
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any, Optional, Sequence
 
 import jax
@@ -18,6 +20,36 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 PyTree = Any
 AXIS = 'clients'
+log = logging.getLogger(__name__)
+
+
+def split_host_cpu(count: int) -> int:
+  """Make the host CPU ``count`` XLA devices (``engine.cpu_devices``); call before JAX
+  starts its backends. Returns the number of CPU devices in effect.
+
+  One XLA:CPU device runs its operations one after another, each on the cores it can
+  use: the small convolutions of a segmentation round keep about 1.4 of 2 cores busy.
+  With two devices the clients are split between them ('engine.devices' 'auto') and each
+  runs its share on its own thread: the phantom's round takes 4.3 s instead of 5.9 s on
+  a 2-core CPU. Each device's program is compiled for its own clients, so floats move in
+  the last bits with the count (results are reproducible for a given count). The
+  environment wins: ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS`` or
+  ``JAX_NUM_CPU_DEVICES``. Once JAX's backends run the count cannot change: then the
+  count they have is kept and returned (with a warning when it differs).
+  """
+  count = int(count)
+  reason = 'set by the environment'
+  if not ('xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '')
+          or os.environ.get('JAX_NUM_CPU_DEVICES')):
+    try:
+      jax.config.update('jax_num_cpu_devices', count)
+    except RuntimeError:   # the backends already run (library use after other JAX work)
+      reason = 'JAX was already running'
+  have = len(jax.devices('cpu'))
+  if have != count:
+    log.warning('engine.cpu_devices=%d, but the host CPU is %d XLA device(s) (%s)', count, have,
+                reason)
+  return have
 
 
 def client_mesh(devices: Any = 'auto', available: Optional[Sequence[jax.Device]] = None) -> Mesh:
