@@ -7,7 +7,8 @@ Measures on whatever backend JAX finds:
   a Python loop of batch-1 jitted gradients;
 * one full round of a method (local training + ResFIM + aggregation + evaluation, the
   trainer's own jitted round) on a Fed-Vessel-sized phantom, in seconds, for each
-  device count in --devices (fake CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=8),
+  device count in --devices (default: every device; on the CPU --cpu_devices, default 2 as
+  the trainer's engine.cpu_devices, or XLA_FLAGS=--xla_force_host_platform_device_count=8),
   and the protocol time it implies (compile + T rounds), for each strategy in
   --client_axis, with XLA's compiled memory analysis of that round per device (temp,
   arguments, outputs, peak; any backend);
@@ -46,7 +47,8 @@ flags.DEFINE_string('out', 'benchmark', 'output path stem (.json and .md)')
 flags.DEFINE_string('method', 'pfl_resfim', 'method of the full-round rows')
 flags.DEFINE_integer('images', 40, 'images per client for the full round (train ~56%: Fed-Vessel-sized)')
 flags.DEFINE_integer('rounds', 200, 'T for the protocol estimate')
-flags.DEFINE_string('devices', '1', "device counts for the full-round rows, e.g. '1,2,4,8'")
+flags.DEFINE_string('devices', 'all', "device counts for the full-round rows, e.g. '1,2,4,8' ('all': every device)")
+flags.DEFINE_integer('cpu_devices', 2, 'XLA devices the host CPU is split into (engine.cpu_devices)')
 flags.DEFINE_string('precision', 'fp32', "precision(s) of the full-round rows, e.g. 'fp32,bf16'")
 flags.DEFINE_multi_string('set', [], "config overrides for the full-round rows, e.g. --set=fisher.chunk_size=1")
 flags.DEFINE_string('parts', 'step,fisher,round', 'which groups of rows to measure')
@@ -171,10 +173,11 @@ def main(argv):
   if FLAGS.quick:
     k, b, s, base, reps = 2, 2, 16, 4, 2
     FLAGS.levels = 3
+  cpu_devices = sharding.split_host_cpu(FLAGS.cpu_devices)   # before JAX starts
   dev = jax.devices()[0]
   info = {'device': f'{dev.platform}: {getattr(dev, "device_kind", "")}', 'jax': jax.__version__,
           'python': platform.python_version(), 'clients': k, 'batch': b, 'size': s, 'base': base,
-          'levels': FLAGS.levels}
+          'levels': FLAGS.levels, 'cpu_devices': cpu_devices}
   rows = []
   parts = set(FLAGS.parts.split(','))
   convs = [engine.resolve_conv(c) for c in FLAGS.conv.split(',')]
@@ -194,7 +197,8 @@ def main(argv):
     anchor, info['anchor'] = anchor_rows(k, b, s, base, n, reps, rows)
     rows += anchor
   images = 8 if FLAGS.quick else FLAGS.images
-  rounds = [(p, d, a) for p in FLAGS.precision.split(',') for d in FLAGS.devices.split(',')
+  counts = FLAGS.devices.replace('all', str(len(jax.devices()))).split(',')
+  rounds = [(p, d, a) for p in FLAGS.precision.split(',') for d in counts
             for a in FLAGS.client_axis.split(',')] if 'round' in parts else []
   for precision, d, axis in rounds:
     axis = engine.resolve_client_axis(axis)

@@ -18,7 +18,8 @@ def _bench(tmp_path, *args, env=None):
   out = tmp_path / 'bench'
   proc = subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'benchmark.py'),
                          f'--out={out}', *args], capture_output=True, text=True, timeout=900,
-                        env={**os.environ, 'JAX_PLATFORMS': 'cpu', **(env or {})})
+                        env={**{k: v for k, v in os.environ.items() if k != 'JAX_NUM_CPU_DEVICES'},
+                             'JAX_PLATFORMS': 'cpu', **(env or {})})
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads((tmp_path / 'bench.json').read_text()), (tmp_path / 'bench.md').read_text()
 
@@ -36,10 +37,12 @@ def test_benchmark_quick_smoke(tmp_path):
     assert '| ours / PyTorch: train step, client_axis=vmap, fp32, conv=canonical |' in md
     assert 'threads' in result['info']['anchor']
   assert '| train step, client_axis=map, bf16, conv=canonical |' in md
+  # --devices 'all' over --cpu_devices 2 (the trainer's engine.cpu_devices default).
+  assert result['info']['cpu_devices'] == 2
   for axis in ('vmap', 'map'):
-    assert f'full round, fedavg, fp32, 1 device(s), client_axis={axis}' in md
+    assert f'full round, fedavg, fp32, 2 device(s), client_axis={axis}' in md
     for part in ('temp', 'arguments', 'outputs', 'peak'):
-      assert f'round memory per device (XLA analysis), {part}, fp32, 1 device(s), client_axis={axis}' in md
+      assert f'round memory per device (XLA analysis), {part}, fp32, 2 device(s), client_axis={axis}' in md
   assert 'peak device memory: n/a on this backend' in md
 
 
