@@ -151,11 +151,16 @@ class Stored:
     name: a file-name prefix, already a safe file name (e.g. 'pfl_resfim-round').
     what: JSON-able description of everything the program depends on that is not in
       the package source, the environment or the arguments (method, config, ...).
+    compiler_options: XLA options of this program's compilation (``Lowered.compile``'s
+      ``compiler_options``, e.g. ``{'xla_backend_optimization_level': 1}``); part of
+      the stored program's key.
   """
 
-  def __init__(self, jitted: Callable, folder: Optional[str], name: str, what):
+  def __init__(self, jitted: Callable, folder: Optional[str], name: str, what,
+               compiler_options: Optional[dict] = None):
     self.jitted, self.folder, self.name = jitted, folder, name
-    self._what = what
+    self.compiler_options = dict(compiler_options or {})
+    self._what = {'what': what, 'compiler_options': self.compiler_options}
     self._key = None
     self._lock = threading.Lock()
     self._programs: Dict[str, concurrent.futures.Future] = {}
@@ -220,15 +225,16 @@ class Stored:
       return None
 
   def _compile(self, path: Optional[str], args):
+    options = self.compiler_options or None
     if path is None:
-      return self.jitted.lower(*args).compile()
+      return self.jitted.lower(*args).compile(compiler_options=options)
     thread, hits = threading.get_ident(), []
     def listen(event, **kwargs):
       if event == '/jax/compilation_cache/cache_hits' and threading.get_ident() == thread:
         hits.append(event)
     jax.monitoring.register_event_listener(listen)
     try:
-      compiled = self.jitted.lower(*args).compile()
+      compiled = self.jitted.lower(*args).compile(compiler_options=options)
     finally:
       jax.monitoring.unregister_event_listener(listen)
     if hits:   # XLA:CPU cannot serialize an executable it loaded: only fresh ones are kept

@@ -63,6 +63,21 @@ def test_compile_method_stores_the_builtin_methods_programs_on_disk_only(request
     assert init.folder is None and round_fn.folder is None
 
 
+def test_the_initial_state_compiles_at_init_options_on_cpu_with_the_same_bits():
+  import jax
+  import numpy as np
+  from tests.fed_helpers import tiny_config, tiny_fed
+  init, _ = build.compile_method(build.resolve(tiny_config(compile_cache=False)), tiny_fed(), 'fedbn')
+  assert jax.default_backend() != 'cpu' or init.compiler_options == build.INIT_OPTIONS
+  key = jax.random.PRNGKey(7)
+  # Stored's options against XLA's default level, 3 (the suite's conftest sets 0).
+  got = init(key)
+  want = init.jitted.lower(key).compile(compiler_options={'xla_backend_optimization_level': 3})(key)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
 def test_program_config_leaves_out_what_changes_no_program():
   from tests.fed_helpers import tiny_config
   base = build.program_config(build.resolve(tiny_config()))

@@ -147,3 +147,24 @@ def test_source_digest_follows_python_files_only(tmp_path):
   (tmp_path / 'pkg' / 'a.py').write_text('x = 2\n')
   assert compile_cache.source_digest(str(tmp_path / 'pkg')) != before
   assert len(compile_cache.source_digest()) == 64   # the package's own
+
+
+def test_compiler_options_reach_xla_and_key_the_stored_program(tmp_path):
+  import jax
+  import numpy as np
+  import pytest
+  jitted = jax.jit(lambda k: jax.random.normal(k, (37, 5)) * 3.0 + 1.0)
+  key = jax.random.PRNGKey(3)
+  folder = str(tmp_path / 'stored')
+  # XLA's default level is 3 (the suite's conftest sets 0 for speed, so it is named here).
+  plain = compile_cache.Stored(jitted, folder, 'toy', {'what': 'a'},
+                               {'xla_backend_optimization_level': 3})
+  level1 = compile_cache.Stored(jitted, folder, 'toy', {'what': 'a'},
+                                {'xla_backend_optimization_level': 1})
+  assert level1.compiler_options == {'xla_backend_optimization_level': 1}
+  # Random draws and a multiply-add: the same bits at LLVM level 1 as at the default.
+  assert np.asarray(level1(key)).tobytes() == np.asarray(plain(key)).tobytes()
+  assert len(_entries(folder)) == 2, 'the options are part of the stored program key'
+  bad = compile_cache.Stored(jitted, None, 'toy', {}, {'xla_no_such_option': 1})
+  with pytest.raises(Exception, match='xla_no_such_option'):
+    bad(key)
