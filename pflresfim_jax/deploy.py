@@ -201,7 +201,7 @@ class ClientPrograms:
     self.algo = build.algorithm(config, method, 1, image_shape)
     # One compiled init for every hospital of the process (models.init alone would
     # compile the model's init again for each).
-    self.init = jax.jit(self.algo.init)
+    self.init = build.init_program(self.algo.init)
     self.client = jax.jit(self.algo.client)
     self.evaluate = jax.jit(self.algo.evaluate)
 
@@ -382,7 +382,7 @@ class Server:
     self.batch_stats = one(template['batch_stats'])
     self.server_state = None   # one copy of state['server'], kept between rounds
     if 'server' in template:
-      init = jax.jit(self.algo.init)(k_init)['server']
+      init = build.init_program(self.algo.init)(k_init)['server']
       self.server_state = jax.tree.map(lambda x: np.asarray(x)[0], init)
     self._aggregate = jax.jit(self.algo.aggregate)
 
