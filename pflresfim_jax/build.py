@@ -153,14 +153,15 @@ def algorithm(config, method: str, num_clients: int, image_shape: Sequence[int],
 INIT_OPTIONS = {'xla_backend_optimization_level': 1}
 
 
-def init_program(init_fn, platform: Optional[str] = None, **jit_kwargs) -> compile_cache.Stored:
-  """``jax.jit(init_fn, **jit_kwargs)``, compiled with :data:`INIT_OPTIONS` when
-  ``platform`` (default: JAX's default backend) is 'cpu'; programs kept in memory. The
-  simulator's (:func:`compile_method`) and a deployment's initial states are compiled
-  alike, so they start from the same bits."""
-  platform = platform or jax.default_backend()
-  return compile_cache.Stored(jax.jit(init_fn, **jit_kwargs), None, 'init', {},
-                              INIT_OPTIONS if platform == 'cpu' else None)
+def init_options(platform: Optional[str] = None) -> Optional[dict]:
+  """:data:`INIT_OPTIONS` on ``platform`` 'cpu' (default: JAX's default backend), else None."""
+  return INIT_OPTIONS if (platform or jax.default_backend()) == 'cpu' else None
+
+
+def init_program(init_fn) -> compile_cache.Stored:
+  """``jax.jit(init_fn)`` compiled with :func:`init_options`, programs kept in memory (a
+  deployment's): compiled as :func:`compile_method`'s, so it starts from the same bits."""
+  return compile_cache.Stored(jax.jit(init_fn), None, 'init', {}, init_options())
 
 
 def compile_method(config, fed: federation.Federation, method: str, mesh=None):
@@ -184,12 +185,12 @@ def compile_method(config, fed: federation.Federation, method: str, mesh=None):
     return state, {**metrics, 'finite': ok}
   # The state keeps its client axis split over the mesh from round to round (constant
   # leaves included), so every round after the first reuses the compiled program.
-  init = init_program(algo.init, mesh.devices.flat[0].platform, out_shardings=sharding.split(mesh))
+  init = jax.jit(algo.init, out_shardings=sharding.split(mesh))
   # Metrics come back replicated: every process (jax.distributed) can read them.
   round_fn = jax.jit(checked_round, donate_argnums=(0,),
                      out_shardings=(sharding.split(mesh), sharding.replicated(mesh)))
   if jax.process_count() > 1:
-    return init.jitted, round_fn
+    return init, round_fn
   # Stored on disk only for the package's own methods: a method from elsewhere may
   # import code that the stored programs' key (the package source) does not cover.
   store = config.get('compile_cache', True) and methods.builtin(method)
@@ -198,7 +199,8 @@ def compile_method(config, fed: federation.Federation, method: str, mesh=None):
           'image_shape': list(fed.image_shape), 'mesh': repr(mesh),
           'config': program_config(config)}
   name = method_folder(method)
-  return (compile_cache.Stored(init.jitted, folder, f'{name}-init', what, init.compiler_options),
+  return (compile_cache.Stored(init, folder, f'{name}-init', what,
+                               init_options(mesh.devices.flat[0].platform)),
           compile_cache.Stored(round_fn, folder, f'{name}-round', what))
 
 
