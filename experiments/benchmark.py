@@ -13,6 +13,8 @@ Measures on whatever backend JAX finds:
   --client_axis, with XLA's compiled memory analysis of that round per device (temp,
   arguments, outputs, peak; any backend);
 * peak device memory (where the backend reports it);
+* with ``--trace=DIR``, a profiler trace of one more round per full-round row
+  (``experiments/trace_summary.py`` says which ops take the device's time);
 * with ``--anchor=torch`` (torch importable; else reported as skipped), the same UNet in
   PyTorch in the same run (experiments/torch_anchor.py): a training step as the
   authors' loop (one model and Adam per client) and torch.func per-example gradients,
@@ -50,6 +52,9 @@ flags.DEFINE_integer('rounds', 200, 'T for the protocol estimate')
 flags.DEFINE_string('devices', 'all', "device counts for the full-round rows, e.g. '1,2,4,8' ('all': every device)")
 flags.DEFINE_integer('cpu_devices', 2, 'XLA devices the host CPU is split into (engine.cpu_devices)')
 flags.DEFINE_string('precision', 'fp32', "precision(s) of the full-round rows, e.g. 'fp32,bf16'")
+flags.DEFINE_string('step_axis', 'vmap,map', "engine.client_axis strategies of the train-step rows")
+flags.DEFINE_string('trace', '', 'folder: trace one more round of each full-round row there '
+                    '(jax.profiler, with a perfetto trace; experiments/trace_summary.py reads it)')
 flags.DEFINE_multi_string('set', [], "config overrides for the full-round rows, e.g. --set=fisher.chunk_size=1")
 flags.DEFINE_string('parts', 'step,fisher,round', 'which groups of rows to measure')
 flags.DEFINE_string('client_axis', 'auto', "engine.client_axis of the full-round rows, e.g. 'vmap,map'")
@@ -117,8 +122,10 @@ def anchor_rows(k, b, s, base, n, repeats, ours):
   except ImportError as e:
     return [], f'PyTorch anchor skipped: {e}'
   torch.set_num_threads(FLAGS.torch_threads or os.cpu_count())
-  note = (f'PyTorch {torch.__version__} anchor: {torch.get_num_threads()} threads, JAX/XLA: '
-          f'{os.cpu_count()} CPUs')
+  where = torch_anchor.device()
+  note = (f'PyTorch {torch.__version__} anchor on {where}'
+          + (f' ({torch.cuda.get_device_name()}, cudnn.benchmark)' if where.type == 'cuda' else '')
+          + f': {torch.get_num_threads()} threads, JAX/XLA: {os.cpu_count()} CPUs')
   parts, rows = set(FLAGS.parts.split(',')), []
   if 'step' in parts:
     rate = torch_anchor.train_step_rate(k, b, s, base, FLAGS.levels, repeats)
@@ -162,9 +169,49 @@ def full_round(k, s, base, images, method, precision, devices, repeats, rounds, 
     state, metrics = round_fn(state, data, bank, jax.random.fold_in(key, r), jnp.int32(r))
   jax.block_until_ready(metrics)
   per_round = (time.perf_counter() - start) / repeats
+  if FLAGS.trace:
+    setting = f'{method}-{precision}-{devices}dev-{strategy}'
+    with jax.profiler.trace(os.path.join(FLAGS.trace, setting), create_perfetto_trace=True):
+      jax.block_until_ready(round_fn(state, data, bank, key, jnp.int32(repeats + 1)))
   stats = round_fn.lower(state, data, bank, key, jnp.int32(0)).compile().memory_analysis()
   memory = {name: getattr(stats, attr, None) for name, attr in MEMORY} if stats else {}
   return per_round, max(0.0, first - per_round), int(fed.train.counts.sum()), memory
+
+
+def write(info, rows, dev) -> str:
+  """Write FLAGS.out's .json and .md with the rows so far (after every group of rows, so a
+  run stopped at a time limit keeps what it measured); returns the Markdown."""
+  stats = dev.memory_stats() or {}
+  info['peak_memory_bytes'] = peak = stats.get('peak_bytes_in_use')
+  with open(FLAGS.out + '.json', 'w') as f:
+    json.dump({'info': info, 'rows': rows}, f, indent=2)
+  md = [f'Device: {info["device"]}; JAX {info["jax"]}; K={info["clients"]}, B={info["batch"]}, '
+        f'S={info["size"]}, UNet base {info["base"]}, {info["levels"]} levels; peak device memory: '
+        f'{"n/a on this backend" if peak is None else f"{peak / 2**30:.2f} GiB"}'
+        + (f'; {info["anchor"]}' if 'anchor' in info else ''), '',
+        '| measurement | value |', '|---|---|']
+  md += [f'| {r["what"]} | {r["value"]:.{2 if r["unit"] in ("s", "min", "x") else 1}f} {r["unit"]} |'
+         for r in rows]
+  with open(FLAGS.out + '.md', 'w') as f:
+    f.write('\n'.join(md) + '\n')
+  return '\n'.join(md)
+
+
+def round_rows(k, s, base, reps, precision, d, axis):
+  """The full-round rows of one setting: seconds, protocol estimate, memory per device."""
+  images = 8 if FLAGS.quick else FLAGS.images
+  axis = engine.resolve_client_axis(axis)
+  per_round, compile_s, n_train, memory = full_round(
+      k, s, base, images, FLAGS.method, precision, int(d), reps, FLAGS.rounds, axis)
+  setting = f'{precision}, {d} device(s), client_axis={axis}'
+  what = (f'full round, {FLAGS.method}, {setting}, {n_train} train images'
+          + ''.join(f', {item}' for item in FLAGS.set))
+  return ([{'what': what, 'unit': 's', 'value': per_round},
+           {'what': f'protocol estimate: compile {compile_s:.0f} s + {FLAGS.rounds} rounds, '
+                    f'{setting}', 'unit': 'min',
+            'value': (compile_s + FLAGS.rounds * per_round) / 60}]
+          + [{'what': f'round memory per device (XLA analysis), {name}, {setting}', 'unit': 'MiB',
+              'value': value / 2**20} for name, value in memory.items() if value is not None])
 
 
 def main(argv):
@@ -182,52 +229,29 @@ def main(argv):
   parts = set(FLAGS.parts.split(','))
   convs = [engine.resolve_conv(c) for c in FLAGS.conv.split(',')]
   for conv in convs if 'step' in parts else ():
-    for strategy in ('vmap', 'map'):
+    for strategy in map(engine.resolve_client_axis, FLAGS.step_axis.split(',')):
       for precision in ('fp32', 'bf16'):
         rate = train_step_rate(k, b, s, base, strategy, precision, reps, conv)
         rows.append({'what': f'train step, client_axis={strategy}, {precision}, conv={conv}',
                      'unit': 'images/s', 'value': rate})
+        write(info, rows, dev)
   n = 8 if not FLAGS.quick else 4
   chunks = (1, 4, 8) if not FLAGS.quick else (2, 4)
   for conv in convs if 'fisher' in parts else ():
     for name, rate in fisher_rates(n, s, base, chunks, reps, conv).items():
       rows.append({'what': f'per-example Fisher, {name}, conv={conv} ({n} examples)',
                    'unit': 'examples/s', 'value': rate})
+    write(info, rows, dev)
   if FLAGS.anchor:
     anchor, info['anchor'] = anchor_rows(k, b, s, base, n, reps, rows)
     rows += anchor
-  images = 8 if FLAGS.quick else FLAGS.images
   counts = FLAGS.devices.replace('all', str(len(jax.devices()))).split(',')
-  rounds = [(p, d, a) for p in FLAGS.precision.split(',') for d in counts
-            for a in FLAGS.client_axis.split(',')] if 'round' in parts else []
-  for precision, d, axis in rounds:
-    axis = engine.resolve_client_axis(axis)
-    per_round, compile_s, n_train, memory = full_round(
-        k, s, base, images, FLAGS.method, precision, int(d), reps, FLAGS.rounds, axis)
-    setting = f'{precision}, {d} device(s), client_axis={axis}'
-    what = (f'full round, {FLAGS.method}, {setting}, {n_train} train images'
-            + ''.join(f', {item}' for item in FLAGS.set))
-    rows.append({'what': what, 'unit': 's', 'value': per_round})
-    rows.append({'what': f'protocol estimate: compile {compile_s:.0f} s + {FLAGS.rounds} rounds, '
-                         f'{setting}', 'unit': 'min',
-                 'value': (compile_s + FLAGS.rounds * per_round) / 60})
-    rows += [{'what': f'round memory per device (XLA analysis), {name}, {setting}', 'unit': 'MiB',
-              'value': value / 2**20} for name, value in memory.items() if value is not None]
-  stats = dev.memory_stats() or {}
-  info['peak_memory_bytes'] = stats.get('peak_bytes_in_use')
-  result = {'info': info, 'rows': rows}
-  with open(FLAGS.out + '.json', 'w') as f:
-    json.dump(result, f, indent=2)
-  peak = info['peak_memory_bytes']
-  md = [f'Device: {info["device"]}; JAX {info["jax"]}; K={k}, B={b}, S={s}, UNet base {base}, {FLAGS.levels} levels; '
-        f'peak device memory: {"n/a on this backend" if peak is None else f"{peak / 2**30:.2f} GiB"}'
-        + (f'; {info["anchor"]}' if 'anchor' in info else ''), '',
-        '| measurement | value |', '|---|---|']
-  md += [f'| {r["what"]} | {r["value"]:.{2 if r["unit"] in ("s", "min", "x") else 1}f} {r["unit"]} |'
-         for r in rows]
-  with open(FLAGS.out + '.md', 'w') as f:
-    f.write('\n'.join(md) + '\n')
-  print('\n'.join(md))
+  for precision in FLAGS.precision.split(',') if 'round' in parts else ():
+    for d in counts:
+      for axis in FLAGS.client_axis.split(','):
+        rows += round_rows(k, s, base, reps, precision, d, axis)
+        write(info, rows, dev)
+  print(write(info, rows, dev))
 
 
 if __name__ == '__main__':

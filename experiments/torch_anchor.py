@@ -4,7 +4,10 @@ and one Adam per client, a Python loop over the clients), and torch.func's
 per-example gradients, so our figures and theirs come from one run on the same cores.
 
 torch is optional (``pip install -e '.[anchor]'``); importing this module without it
-raises ImportError, which the benchmark reports as a skipped anchor.
+raises ImportError, which the benchmark reports as a skipped anchor. On a machine where
+torch sees a CUDA GPU the anchor runs there (``cudnn.benchmark`` on, as PERFORMANCE.md's
+PyTorch figures were taken; timings synchronise the GPU), else on the CPU threads the
+benchmark sets.
 
 The network mirrors ``pflresfim_jax.models.UNet2D`` layer for layer (NCHW instead of
 NHWC): :func:`load_flax` copies our parameters into it, and tests/test_benchmark.py
@@ -89,20 +92,36 @@ def dice_bce(logits, labels):
   return 0.5 * bce + 0.5 * (1 - dice)
 
 
+def device() -> torch.device:
+  """The anchor's device: the first CUDA GPU torch sees, else the CPU."""
+  if torch.cuda.is_available():
+    torch.backends.cudnn.benchmark = True
+    return torch.device('cuda')
+  return torch.device('cpu')
+
+
+def _sync():
+  if torch.cuda.is_available():
+    torch.cuda.synchronize()
+
+
 def _timed(fn, repeats):
-  fn()   # warm up
+  fn()   # warm up (and cudnn.benchmark's search)
+  _sync()
   start = time.perf_counter()
   for _ in range(repeats):
     fn()
+  _sync()
   return (time.perf_counter() - start) / repeats
 
 
 def train_step_rate(k, b, s, base, levels, repeats, weight_decay=5e-4):
   """images/s of one training step of K clients (a loop: one model and one Adam each)."""
   torch.manual_seed(0)
-  nets = [UNet2D(base, levels).train() for _ in range(k)]
+  dev = device()
+  nets = [UNet2D(base, levels).to(dev).train() for _ in range(k)]
   opts = [torch.optim.Adam(n.parameters(), lr=1e-3, weight_decay=weight_decay) for n in nets]
-  x = torch.rand(k, b, 3, s, s)
+  x = torch.rand(k, b, 3, s, s, device=dev)
   y = (x[:, :, :1] > 0.5).float()
 
   def step():
@@ -118,10 +137,10 @@ def fisher_rate(n, s, base, levels, repeats):
   by torch.func.vmap(grad), as fisher.diagonal."""
   from torch.func import functional_call, grad, vmap
   torch.manual_seed(0)
-  net = UNet2D(base, levels).eval()
+  net = UNet2D(base, levels).to(device()).eval()
   params = {k: v.detach() for k, v in net.named_parameters()}
   buffers = {k: v.detach() for k, v in net.named_buffers()}
-  x = torch.rand(n, 3, s, s)
+  x = torch.rand(n, 3, s, s, device=params['head.weight'].device)
   y = (x[:, :1] > 0.5).float()
 
   def loss(p, xi, yi):

@@ -28,14 +28,14 @@ def test_benchmark_quick_smoke(tmp_path):
   """The benchmark runs in quick mode and writes its table (no timing is asserted); the
   PyTorch anchor's rows where torch is installed."""
   result, md = _bench(tmp_path, '--quick', '--method=fedavg', '--client_axis=vmap,map',
-                      '--anchor=torch')
+                      '--anchor=torch', f'--trace={tmp_path / "trace"}')
   rows = result['rows']
   anchor = 2 + 2 + 2 if HAS_TORCH else 0   # two anchor rows, two step and two Fisher ratios
   assert len(rows) == 4 + 3 + 2 * (2 + 4) + anchor and all(r['value'] > 0 for r in rows)
   if HAS_TORCH:
     assert '| PyTorch anchor: train step, loop over clients, Adam, fp32 |' in md
     assert '| ours / PyTorch: train step, client_axis=vmap, fp32, conv=canonical |' in md
-    assert 'threads' in result['info']['anchor']
+    assert 'anchor on cpu' in result['info']['anchor'] and 'threads' in result['info']['anchor']
   assert '| train step, client_axis=map, bf16, conv=canonical |' in md
   # --devices 'all' over --cpu_devices 2 (the trainer's engine.cpu_devices default).
   assert result['info']['cpu_devices'] == 2
@@ -44,6 +44,12 @@ def test_benchmark_quick_smoke(tmp_path):
     for part in ('temp', 'arguments', 'outputs', 'peak'):
       assert f'round memory per device (XLA analysis), {part}, fp32, 2 device(s), client_axis={axis}' in md
   assert 'peak device memory: n/a on this backend' in md
+  # --trace: one traced round per full-round row, which trace_summary reads.
+  traces = sorted((tmp_path / 'trace').glob('*/plugins/profile/*/perfetto_trace.json.gz'))
+  assert [t.parents[3].name for t in traces] == ['fedavg-fp32-2dev-map', 'fedavg-fp32-2dev-vmap']
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'trace_summary.py'),
+                         str(traces[0])], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and '| convolution |' in proc.stdout, proc.stderr[-2000:]
 
 
 def test_without_torch_the_anchor_is_skipped_with_the_reason(tmp_path):
