@@ -67,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.fisher.loss = 'nll'          # interpretation: 'nll' (pixel BCE) or 'train' (Dice+BCE)
   c.fisher.num_examples = 32     # interpretation
   c.fisher.chunk_size = config_dict.placeholder(int)  # examples per vmap(grad); None: 1, or 4 where loops are unrolled
+  c.fisher.conv = 'auto'         # speed only: the Fisher's convolutions; 'auto': the model's (model.conv)
 
   c.resfim = ml_collections.ConfigDict()
   c.resfim.ratio = 0.2           # interpretation: fraction kept local
@@ -188,6 +189,7 @@ RULES = {
     'spectral.lam_max': _FRACTION, 'spectral.share': _one_of('per_image', 'client_mean'),
     'fisher.loss': _one_of('nll', 'train'), 'fisher.num_examples': _INT1,
     'fisher.chunk_size': _number(1, integer=True, none=True),
+    'fisher.conv': _one_of('auto', 'xla', 'im2col', 'canonical'),
     'resfim.ratio': _FRACTION, 'resfim.scope': _one_of('tensor', 'global'),
     'resfim.residual': _one_of('abs', 'relative'), 'resfim.eps': _number(0.0, open_lo=True),
     'resfim.every': _INT1, 'resfim.warmup_rounds': _INT0,

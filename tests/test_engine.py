@@ -16,6 +16,10 @@ def test_resolve():
   assert not engine.resolve_unroll('auto', 'cpu') and not engine.resolve_unroll('auto', 'tpu')
   assert engine.resolve_conv('auto', 'cpu') == 'canonical' and engine.resolve_conv('auto', 'gpu') == 'xla'
   assert engine.resolve_conv('xla', 'cpu') == 'xla'
+  assert engine.resolve_fisher_conv('auto', 'canonical') == 'canonical'
+  assert engine.resolve_fisher_conv('im2col', 'xla') == 'im2col'
+  with pytest.raises(ValueError, match='fisher.conv'):
+    engine.resolve_fisher_conv('fft', 'xla')
   with pytest.raises(ValueError, match='model.conv'):
     engine.resolve_conv('winograd')
   assert engine.resolve_unroll('false', 'cpu') is False and engine.resolve_unroll(True) is True

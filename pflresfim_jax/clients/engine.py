@@ -46,6 +46,19 @@ def resolve_fisher_chunk(value, unroll: bool) -> int:
   return int(value)
 
 
+def resolve_fisher_conv(name: str, model_conv: str) -> str:
+  """``fisher.conv``: 'auto' -> the model's own convolution (``model_conv``, resolved).
+
+  The per-example gradients can compute the same convolutions another way than training
+  does (the parameters are the same): on an H200, 'im2col' at ``fisher.chunk_size=8``
+  gave 1.7x the examples/s of XLA's convolution at chunk 1 (vmapped weight gradients
+  become batched matrix products instead of grouped convolutions; README, Benchmark).
+  """
+  if name not in ('auto', *models.CONVS):
+    raise ValueError(f"fisher.conv must be 'auto' or one of {models.CONVS}, got {name!r}")
+  return model_conv if name == 'auto' else name
+
+
 def resolve_unroll(value, backend: Optional[str] = None) -> bool:
   """``engine.unroll``: 'auto' -> False (compact ``lax.scan`` loops) on every backend.
 

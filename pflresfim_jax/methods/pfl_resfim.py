@@ -34,8 +34,11 @@ class PFLResFIM(Method):
   def __init__(self, ctx):
     super().__init__(ctx)
     cfg = self.config
+    # fisher.conv: the same parameters through another convolution (speed only).
+    conv = engine.resolve_fisher_conv(cfg.fisher.get('conv', 'auto'), self.model.conv)
+    model = self.model if conv == self.model.conv else self.model.clone(conv=conv)
     self.fisher_pair = resfim.fisher_pair(
-        self.model, loss=cfg.fisher.loss,
+        model, loss=cfg.fisher.loss,
         chunk_size=engine.resolve_fisher_chunk(cfg.fisher.chunk_size, self.unroll),
         spectral_ratio=cfg.spectral.ratio, lam_range=(cfg.spectral.lam_min, cfg.spectral.lam_max),
         unroll=self.unroll)
