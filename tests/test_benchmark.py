@@ -27,14 +27,17 @@ def _bench(tmp_path, *args, env=None):
 def test_benchmark_quick_smoke(tmp_path):
   """The benchmark runs in quick mode and writes its table (no timing is asserted); the
   PyTorch anchor's rows where torch is installed."""
+  # Train-step rows for 'map' alone (--step_axis; each strategy's step is two more
+  # compiles): the round rows run both strategies.
   result, md = _bench(tmp_path, '--quick', '--method=fedavg', '--client_axis=vmap,map',
-                      '--anchor=torch', f'--trace={tmp_path / "trace"}')
+                      '--step_axis=map', '--anchor=torch', f'--trace={tmp_path / "trace"}')
   rows = result['rows']
-  anchor = 2 + 2 + 2 if HAS_TORCH else 0   # two anchor rows, two step and two Fisher ratios
-  assert len(rows) == 4 + 3 + 2 * (2 + 4) + anchor and all(r['value'] > 0 for r in rows)
+  anchor = 2 + 1 + 2 if HAS_TORCH else 0   # two anchor rows, one step and two Fisher ratios
+  assert len(rows) == 2 + 3 + 2 * (2 + 4) + anchor and all(r['value'] > 0 for r in rows)
+  assert 'client_axis=vmap, fp32, conv' not in md
   if HAS_TORCH:
     assert '| PyTorch anchor: train step, loop over clients, Adam, fp32 |' in md
-    assert '| ours / PyTorch: train step, client_axis=vmap, fp32, conv=canonical |' in md
+    assert '| ours / PyTorch: train step, client_axis=map, fp32, conv=canonical |' in md
     assert 'anchor on cpu' in result['info']['anchor'] and 'threads' in result['info']['anchor']
   assert '| train step, client_axis=map, bf16, conv=canonical |' in md
   # --devices 'all' over --cpu_devices 2 (the trainer's engine.cpu_devices default).
