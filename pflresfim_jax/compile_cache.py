@@ -178,6 +178,11 @@ class Stored:
       return self.jitted(*args)
     return self._program(args, leaves, treedef, background=False).result()(*args)
 
+  def compiled(self, *args) -> jax.stages.Compiled:
+    """The compiled program for arguments like ``args`` (loaded, compiled, or the one
+    already held: no second compilation), e.g. for its ``memory_analysis()``."""
+    return self._program(args, *jax.tree.flatten(args), background=False).result()
+
   def prepare(self, *args) -> None:
     """Load or compile the program for arguments like ``args`` (arrays, or
     ``jax.ShapeDtypeStruct`` with the shardings the real ones will have) in a

@@ -168,3 +168,20 @@ def test_compiler_options_reach_xla_and_key_the_stored_program(tmp_path):
   bad = compile_cache.Stored(jitted, None, 'toy', {}, {'xla_no_such_option': 1})
   with pytest.raises(Exception, match='xla_no_such_option'):
     bad(key)
+
+
+def test_compiled_is_the_program_the_calls_run(tmp_path):
+  """Stored.compiled: the executable already held for these arguments (the benchmark
+  reads its memory analysis), not a second compilation."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  fn = compile_cache.Stored(jax.jit(lambda x: jnp.sin(x) @ x.T), None, 'toy', {})
+  x = jnp.ones((16, 16))
+  out = fn(x)
+  program = fn.compiled(x)
+  assert program is fn.compiled(x) and fn._cache_size() == 1
+  assert np.asarray(program(x)).tobytes() == np.asarray(out).tobytes()
+  assert program.memory_analysis().output_size_in_bytes == 16 * 16 * 4
+  fn.compiled(jnp.ones((8, 16)))      # another signature: another program
+  assert fn._cache_size() == 2
