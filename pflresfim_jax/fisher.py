@@ -58,6 +58,32 @@ def diagonals(loss_fn: Callable[[PyTree, Mapping[str, Array]], Array], params: P
   Returns:
     float32 pytree shaped like ``params`` with a leading axis ``G``.
   """
+  per_example_grad = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))
+
+  def squares(chunk, weights):   # sum_i w_i grad_i^2 over one chunk
+    grads = per_example_grad(params, chunk)
+    return jax.tree.map(
+        lambda g: jnp.tensordot(weights, jnp.square(g.astype(jnp.float32)), axes=1), grads)
+  return accumulate(squares, params, batches, chunk_size, example_mask, unroll)
+
+
+def accumulate(squares: Callable[[Mapping[str, Array], Array], PyTree], like: PyTree,
+               batches: Mapping[str, Array], chunk_size: int = 1,
+               example_mask: Optional[Array] = None, unroll: bool = False) -> PyTree:
+  """The chunk loop of :func:`diagonals` around any per-chunk sum of squared gradients.
+
+  Args:
+    squares: ``squares(chunk, weights) -> pytree like like``: ``sum_i weights[i] *
+      g_i ** 2`` (float32) over the chunk's examples (``chunk``: ``batches`` without
+      the ``G`` axis, ``[chunk_size, ...]``; ``weights``: float32 ``[chunk_size]``,
+      0 for padding).
+    like: pytree of arrays whose shapes the result takes (the parameters).
+    batches, chunk_size, example_mask, unroll: as :func:`diagonals`.
+
+  Returns:
+    float32 pytree shaped like ``like`` with a leading axis ``G``: each batch's sum
+    divided by its number of examples (as :func:`diagonals`).
+  """
   leaves = jax.tree.leaves(batches)
   if not leaves:
     raise ValueError('fisher.diagonal: empty batch')
@@ -74,18 +100,16 @@ def diagonals(loss_fn: Callable[[PyTree, Mapping[str, Array]], Array], params: P
   chunks = jax.tree.map(lambda x: jnp.take(x, index, axis=1).reshape(
       g * num_chunks, chunk, *x.shape[2:]), batches)
   weights = weight.reshape(g * num_chunks, chunk)
-  per_example_grad = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))
 
   def add(acc, t, k):   # acc[k] += sum_i w_i grad_i^2 over chunk t (of batch k), in place
-    grads = per_example_grad(params, jax.tree.map(lambda x: x[t], chunks))
+    sums = squares(jax.tree.map(lambda x: x[t], chunks), weights[t])
 
-    def one(a, grad):
+    def one(a, s):
       row = jax.lax.dynamic_index_in_dim(a, k, keepdims=False)
-      row = row + jnp.tensordot(weights[t], jnp.square(grad.astype(jnp.float32)), axes=1)
-      return jax.lax.dynamic_update_index_in_dim(a, row, k, 0)
-    return jax.tree.map(one, acc, grads)
+      return jax.lax.dynamic_update_index_in_dim(a, row + s, k, 0)
+    return jax.tree.map(one, acc, sums)
 
-  zeros = jax.tree.map(lambda p: jnp.zeros((g, *p.shape), jnp.float32), params)
+  zeros = jax.tree.map(lambda p: jnp.zeros((g, *p.shape), jnp.float32), like)
   if unroll:
     total = zeros
     for t in range(g * num_chunks):
