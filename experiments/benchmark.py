@@ -3,8 +3,9 @@
 Measures on whatever backend JAX finds:
 * training images/s of one local step for K clients x batch B at size S, for each
   ``engine.client_axis`` strategy and precision;
-* per-example Fisher examples/s (``fisher.diagonal``) for several chunk sizes, against
-  a Python loop of batch-1 jitted gradients;
+* per-example Fisher examples/s (``fisher.diagonal``) for several chunk sizes, the same
+  with ``fisher.grads='layers'`` (fisher_layers.py), against a Python loop of batch-1
+  jitted gradients;
 * one full round of a method (local training + ResFIM + aggregation + evaluation, the
   trainer's own jitted round) on a Fed-Vessel-sized phantom, in seconds, for each
   device count in --devices (default: every device; on the CPU --cpu_devices, default 2 as
@@ -34,7 +35,8 @@ from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from pflresfim_jax import build, config as config_lib, fisher, losses, models, sweep  # noqa: E402
+from pflresfim_jax import (build, config as config_lib, fisher, fisher_layers, losses,  # noqa: E402
+                           models, sweep)
 from pflresfim_jax.clients import engine, sharding  # noqa: E402
 from pflresfim_jax.data import phantom  # noqa: E402
 
@@ -100,6 +102,13 @@ def fisher_rates(n, s, base, chunks, repeats, conv):
   for c in chunks:
     fn = jax.jit(lambda p, bt, c=c: fisher.diagonal(loss, p, bt, c, unroll=unroll))
     out[f'vmap(grad) chunk {c}'] = n / timed(fn, params, batch, repeats=repeats)
+  # fisher.grads='layers': one batched backward pass per chunk (fisher_layers.py).
+  squares = fisher_layers.squares_fn(model, {'params': params, 'batch_stats': stats}, losses.bce,
+                                     {'train': False})
+  one = lambda t: jax.tree.map(lambda x: x[None], t)
+  for c in [c for c in chunks if c > 1]:
+    fn = jax.jit(lambda p, bt, c=c: fisher.accumulate(squares, p, one(bt), c, unroll=unroll))
+    out[f'layers chunk {c}'] = n / timed(fn, params, batch, repeats=repeats)
   grad = jax.jit(jax.grad(loss))
 
   def loop(p, bt):
@@ -138,7 +147,7 @@ def anchor_rows(k, b, s, base, n, repeats, ours):
     rows.append({'what': f'PyTorch anchor: per-example Fisher, torch.func vmap(grad) ({n} examples)',
                  'unit': 'examples/s', 'value': rate})
     rows += [{'what': f'ours / PyTorch: {r["what"]}', 'unit': 'x', 'value': r['value'] / rate}
-             for r in ours if r['what'].startswith('per-example Fisher, vmap')]
+             for r in ours if r['what'].startswith(('per-example Fisher, vmap', 'per-example Fisher, layers'))]
   return rows, note
 
 

@@ -66,7 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.fisher = ml_collections.ConfigDict()
   c.fisher.loss = 'nll'          # interpretation: 'nll' (pixel BCE) or 'train' (Dice+BCE)
   c.fisher.num_examples = 32     # interpretation
-  c.fisher.chunk_size = config_dict.placeholder(int)  # examples per vmap(grad); None: 1, or 4 where loops are unrolled
+  c.fisher.chunk_size = config_dict.placeholder(int)  # examples per vmap(grad) or batched pass; None: 1 (vmap; 4 where loops are unrolled), 8 (layers)
+  c.fisher.grads = 'vmap'        # speed only: per-example gradients by jax.vmap(jax.grad) or 'layers' (one batched backward pass per chunk, fisher_layers.py)
   c.fisher.conv = 'auto'         # speed only: the Fisher's convolutions; 'auto': the model's (model.conv)
 
   c.resfim = ml_collections.ConfigDict()
@@ -190,6 +191,7 @@ RULES = {
     'fisher.loss': _one_of('nll', 'train'), 'fisher.num_examples': _INT1,
     'fisher.chunk_size': _number(1, integer=True, none=True),
     'fisher.conv': _one_of('auto', 'xla', 'im2col', 'canonical'),
+    'fisher.grads': _one_of('vmap', 'layers'),   # resfim.GRADS
     'resfim.ratio': _FRACTION, 'resfim.scope': _one_of('tensor', 'global'),
     'resfim.residual': _one_of('abs', 'relative'), 'resfim.eps': _number(0.0, open_lo=True),
     'resfim.every': _INT1, 'resfim.warmup_rounds': _INT0,

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from pflresfim_jax import fisher, losses, masks, spectral
+from pflresfim_jax import fisher, fisher_layers, losses, masks, spectral
 
 Array = jax.Array
 PyTree = Any
@@ -48,6 +48,7 @@ Estimate = Callable[[PyTree, Mapping[str, Array]], PyTree]
 FisherPair = Callable[[PyTree, Mapping[str, Array]], Tuple[PyTree, PyTree]]
 
 RESIDUALS = ('abs', 'relative')
+GRADS = ('vmap', 'layers')
 # Keyword arguments that put a linen module in inference mode, by the name its
 # __call__ gives them: BatchNorm on running statistics, dropout off.
 _INFERENCE_KWARGS = {'train': False, 'training': False, 'deterministic': True,
@@ -60,7 +61,7 @@ def estimator(model: Union[nn.Module, Callable[[PyTree, Array], Array]], *,
               spectral_ratio: float = 0.01, lam_range: Tuple[float, float] = (0.0, 1.0),
               value_range: Optional[Tuple[float, float]] = (0.0, 1.0),
               eps: float = 1e-8, unroll: bool = False,
-              apply_kwargs: Optional[Mapping[str, Any]] = None) -> Estimate:
+              apply_kwargs: Optional[Mapping[str, Any]] = None, grads: str = 'vmap') -> Estimate:
   """Bind the settings once; returns a pure, jittable ``estimate(variables, batch)``.
 
   Args:
@@ -71,7 +72,8 @@ def estimator(model: Union[nn.Module, Callable[[PyTree, Array], Array]], *,
     loss: per-example loss ``loss(logits [H,W,1], label [H,W,1]) -> scalar``, or
       'nll' (pixel-mean BCE, config ``fisher.loss``) / 'train' (Dice + BCE).
     residual: 'abs' or 'relative' (config ``resfim.residual``).
-    chunk_size: examples per vmapped gradient (config ``fisher.chunk_size``; speed only).
+    chunk_size: examples per vmapped gradient, or per batched pass with 'layers'
+      (config ``fisher.chunk_size``; speed only).
     spectral_ratio: window ratio L the style windows were made with (``spectral.ratio``).
     lam_range: blend strength range ``(lam_min, lam_max)`` (``spectral.lam_*``).
     value_range: pixel range simulated images are clipped to, or None.
@@ -79,6 +81,10 @@ def estimator(model: Union[nn.Module, Callable[[PyTree, Array], Array]], *,
     unroll: unroll the Fisher chunk loop (see :func:`fisher.diagonal`).
     apply_kwargs: extra keyword arguments for a linen module's ``apply`` (override
       the inference-mode defaults above).
+    grads: how the per-example gradients are computed (config ``fisher.grads``; the
+      same sums up to float rounding): 'vmap', ``jax.vmap(jax.grad)`` of any model;
+      'layers', one batched backward pass per chunk for a linen model made of
+      ``models.Conv`` / ``BatchNorm`` / ``PopulationNorm`` layers (fisher_layers.py).
 
   Returns:
     ``estimate(variables, batch) -> R``. ``variables`` is Flax's
@@ -101,7 +107,7 @@ def estimator(model: Union[nn.Module, Callable[[PyTree, Array], Array]], *,
     raise ValueError(f'resfim.residual must be one of {RESIDUALS}, got {residual!r}')
   pair = fisher_pair(model, loss=loss, chunk_size=chunk_size, spectral_ratio=spectral_ratio,
                      lam_range=lam_range, value_range=value_range, unroll=unroll,
-                     apply_kwargs=apply_kwargs)
+                     apply_kwargs=apply_kwargs, grads=grads)
 
   def estimate(variables: PyTree, batch: Mapping[str, Array]) -> PyTree:
     return _residual(*pair(variables, batch), residual, eps)
@@ -113,7 +119,7 @@ def fisher_pair(model: Union[nn.Module, Callable[[PyTree, Array], Array]], *,
                 chunk_size: int = 1, spectral_ratio: float = 0.01,
                 lam_range: Tuple[float, float] = (0.0, 1.0),
                 value_range: Optional[Tuple[float, float]] = (0.0, 1.0), unroll: bool = False,
-                apply_kwargs: Optional[Mapping[str, Any]] = None) -> FisherPair:
+                apply_kwargs: Optional[Mapping[str, Any]] = None, grads: str = 'vmap') -> FisherPair:
   """The two Fisher diagonals ResFIM compares, before the residual (for other selectors).
 
   Same arguments as :func:`estimator` (less ``residual`` and ``eps``).
@@ -124,6 +130,10 @@ def fisher_pair(model: Union[nn.Module, Callable[[PyTree, Array], Array]], *,
   """
   if not 0.0 <= spectral_ratio < 0.5:   # checked here, before anything is traced
     raise ValueError(f'spectral.ratio must be in [0, 0.5), got {spectral_ratio!r}')
+  if grads not in GRADS:
+    raise ValueError(f'fisher.grads must be one of {GRADS}, got {grads!r}')
+  if grads == 'layers' and not isinstance(model, nn.Module):
+    raise ValueError("fisher.grads='layers' needs a flax.linen model; use 'vmap'")
   apply_fn = _linen_apply(model, apply_kwargs) if isinstance(model, nn.Module) else model
   per_image = losses.per_example(loss) if isinstance(loss, str) else loss
 
@@ -138,8 +148,13 @@ def fisher_pair(model: Union[nn.Module, Callable[[PyTree, Array], Array]], *,
     images, labels, mask = batch['image'], batch['label'], batch.get('mask')
     sim = _simulated(batch, spectral_ratio, lam_range, value_range)
     both = {'image': jnp.stack([images, sim]), 'label': jnp.stack([labels, labels])}
-    f = fisher.diagonals(loss_fn, params, both, chunk_size,
-                         None if mask is None else jnp.stack([mask, mask]), unroll)
+    both_mask = None if mask is None else jnp.stack([mask, mask])
+    if grads == 'layers':
+      v = variables if with_state else {'params': variables}
+      squares = fisher_layers.squares_fn(model, v, per_image, _inference_kwargs(model, apply_kwargs))
+      f = fisher.accumulate(squares, params, both, chunk_size, both_mask, unroll)
+    else:
+      f = fisher.diagonals(loss_fn, params, both, chunk_size, both_mask, unroll)
     return jax.tree.map(lambda x: x[0], f), jax.tree.map(lambda x: x[1], f)
   return pair
 
@@ -226,11 +241,17 @@ def nnx_model(module) -> Tuple[Callable[[PyTree, Array], Array], PyTree]:
   return apply_fn, {'params': params, 'rest': rest}
 
 
-def _linen_apply(module: nn.Module, apply_kwargs: Optional[Mapping[str, Any]]):
-  """``apply_fn(variables, images)`` of a linen module in inference mode."""
+def _inference_kwargs(module: nn.Module, apply_kwargs: Optional[Mapping[str, Any]]) -> dict:
+  """The keyword arguments that put ``module`` in inference mode, then ``apply_kwargs``."""
   accepted = inspect.signature(type(module).__call__).parameters
   kwargs = {k: v for k, v in _INFERENCE_KWARGS.items() if k in accepted}
   kwargs.update(apply_kwargs or {})
+  return kwargs
+
+
+def _linen_apply(module: nn.Module, apply_kwargs: Optional[Mapping[str, Any]]):
+  """``apply_fn(variables, images)`` of a linen module in inference mode."""
+  kwargs = _inference_kwargs(module, apply_kwargs)
 
   def apply_fn(variables, images):
     v = variables if _has_state(variables) else {'params': variables}

@@ -32,8 +32,10 @@ def test_benchmark_quick_smoke(tmp_path):
   result, md = _bench(tmp_path, '--quick', '--method=fedavg', '--client_axis=vmap,map',
                       '--step_axis=map', '--anchor=torch', f'--trace={tmp_path / "trace"}')
   rows = result['rows']
-  anchor = 2 + 1 + 2 if HAS_TORCH else 0   # two anchor rows, one step and two Fisher ratios
-  assert len(rows) == 2 + 3 + 2 * (2 + 4) + anchor and all(r['value'] > 0 for r in rows)
+  anchor = 2 + 1 + 4 if HAS_TORCH else 0   # two anchor rows, one step and four Fisher ratios
+  # Two step rows; Fisher: vmap(grad) and layers at chunks 2 and 4, the loop.
+  assert len(rows) == 2 + 5 + 2 * (2 + 4) + anchor and all(r['value'] > 0 for r in rows)
+  assert '| per-example Fisher, layers chunk 4, conv=canonical (4 examples) |' in md
   assert 'client_axis=vmap, fp32, conv' not in md
   if HAS_TORCH:
     assert '| PyTorch anchor: train step, loop over clients, Adam, fp32 |' in md

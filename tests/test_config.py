@@ -21,6 +21,7 @@ BAD = [
     ('augment.flip', 'maybe'), ('augment.rot90', 2), ('spectral.ratio', 0.5),
     ('spectral.lam_min', -0.1), ('spectral.lam_max', 1.5), ('spectral.share', 'all'),
     ('fisher.loss', 'hinge'), ('fisher.num_examples', 0), ('fisher.chunk_size', 0), ('fisher.conv', 'fft'),
+    ('fisher.grads', 'loop'),
     ('resfim.ratio', 1.5), ('resfim.scope', 'layer'), ('resfim.residual', 'squared'),
     ('resfim.eps', 0.0), ('resfim.every', 0), ('resfim.warmup_rounds', -1), ('fedprox.mu', -1.0), ('moon.mu', -0.1), ('feddyn.mu', 0.0), ('fedawa.lr', 0.0), ('fedlws.beta', -1.0), ('fedlws.min_tau', -0.1), ('fedlws.max_tau', -0.1), ('moon.temperature', 0.0),
     ('resfim.selector', 'magic'),

@@ -140,6 +140,8 @@ def test_fisher_chunk_auto_and_checked():
   assert engine.resolve_fisher_chunk(None, unroll=True) == 4
   assert engine.resolve_fisher_chunk(None, unroll=False) == 1
   assert engine.resolve_fisher_chunk(8, unroll=True) == 8
+  assert engine.resolve_fisher_chunk(None, unroll=False, grads='layers') == 8
+  assert engine.resolve_fisher_chunk(2, unroll=False, grads='layers') == 2
   with pytest.raises(ValueError, match='fisher.chunk_size'):
     engine.resolve_fisher_chunk(0, unroll=False)
 

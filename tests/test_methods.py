@@ -227,13 +227,15 @@ def test_pfl_resfim_selectors_without_fisher(selector):
     assert not np.array_equal(kernel[0], kernel[1])   # 29 of 144 entries each
 
 
-@pytest.mark.reference   # two programs for the same Fisher
+@pytest.mark.reference   # three programs for the same Fisher
 def test_pfl_resfim_fisher_conv_computes_the_same_fisher_another_way():
   """fisher.conv='im2col': ResFIM's two Fishers without a convolution in their program,
-  equal to those of the model's own convolution ('auto': xla in these tests)."""
+  equal to those of the model's own convolution ('auto': xla in these tests); and
+  fisher.grads='layers' (its chunks batched, no per-example vmap) equal too."""
   got = {}
-  for conv in ('auto', 'im2col'):
-    cfg, fed, algo, data, bank = setup('pfl_resfim', **{'fisher.conv': conv})
+  for conv in ('auto', 'im2col', 'layers'):
+    setting = {'fisher.grads': 'layers'} if conv == 'layers' else {'fisher.conv': conv}
+    cfg, fed, algo, data, bank = setup('pfl_resfim', **setting)
     state = jax.jit(algo.init)(jax.random.PRNGKey(0))
     first = lambda t: jax.tree.map(lambda x: x[0], t)
     variables = {'params': first(state['params']), 'batch_stats': first(state['batch_stats'])}
@@ -242,12 +244,13 @@ def test_pfl_resfim_fisher_conv_computes_the_same_fisher_another_way():
              'key': jax.random.PRNGKey(3), 'style': bank['windows'], 'style_owner': bank['owner'],
              'client_id': jnp.int32(0)}
     program = str(jax.make_jaxpr(algo.method.fisher_pair)(variables, batch))
-    assert ('conv_general_dilated' in program) == (conv == 'auto')
+    assert ('conv_general_dilated' in program) == (conv != 'im2col')
     got[conv] = jax.jit(algo.method.fisher_pair)(variables, batch)
   # Per-example gradients are sums over 16x16 positions of products through the layers:
   # the two formulations order those sums differently; squares double the relative error.
   tol = 2 * sum_rtol(16 * 16 * 9 * 4)
   assert_tree_close(got['im2col'], got['auto'], rtol=tol, atol_rel=tol)
+  assert_tree_close(got['layers'], got['auto'], rtol=tol, atol_rel=tol)
 
 
 def test_pfl_resfim_warmup_is_fedavg():

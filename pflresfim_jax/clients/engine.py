@@ -31,16 +31,18 @@ PyTree = Any
 CLIENT_AXES = ('vmap', 'map', 'auto')
 
 
-def resolve_fisher_chunk(value, unroll: bool) -> int:
-  """``fisher.chunk_size``: None (auto) -> 1 with compact loops, 4 when unrolled.
+def resolve_fisher_chunk(value, unroll: bool, grads: str = 'vmap') -> int:
+  """``fisher.chunk_size``: None (auto) -> 1 with compact loops, 4 when unrolled; 8 with
+  ``fisher.grads='layers'``.
 
-  Per example, chunks of 1 were fastest on the 2-core CPU and on the H200 (README
-  Benchmark), but an unrolled loop (CPU) of 1-example chunks makes a program with one
-  gradient per example: compile time doubled the phantom run. 4 was within 7% per
-  example on the CPU and compiles a quarter of that.
+  Per example, vmap(grad) chunks of 1 were fastest on the 2-core CPU and on the H200
+  (README Benchmark), but an unrolled loop (CPU) of 1-example chunks makes a program
+  with one gradient per example: compile time doubled the phantom run. 4 was within 7%
+  per example on the CPU and compiles a quarter of that. 'layers' runs a chunk as one
+  batch: 8 was the fastest of 4-32 on the 2-core CPU at the phantom's size.
   """
   if value is None:
-    return 4 if unroll else 1
+    return 8 if grads == 'layers' else 4 if unroll else 1
   if int(value) < 1:
     raise ValueError(f'fisher.chunk_size must be >= 1 (or None for auto), got {value!r}')
   return int(value)

@@ -37,11 +37,12 @@ class PFLResFIM(Method):
     # fisher.conv: the same parameters through another convolution (speed only).
     conv = engine.resolve_fisher_conv(cfg.fisher.get('conv', 'auto'), self.model.conv)
     model = self.model if conv == self.model.conv else self.model.clone(conv=conv)
+    grads = cfg.fisher.get('grads', 'vmap')
     self.fisher_pair = resfim.fisher_pair(
         model, loss=cfg.fisher.loss,
-        chunk_size=engine.resolve_fisher_chunk(cfg.fisher.chunk_size, self.unroll),
+        chunk_size=engine.resolve_fisher_chunk(cfg.fisher.chunk_size, self.unroll, grads),
         spectral_ratio=cfg.spectral.ratio, lam_range=(cfg.spectral.lam_min, cfg.spectral.lam_max),
-        unroll=self.unroll)
+        unroll=self.unroll, grads=grads)
 
   def fresh_masks(self, state, start, data, bank, keys, client_ids):
     """Steps 2-5 on every client: the new local masks (``resfim.selector`` ranks)."""
