@@ -12,8 +12,8 @@ pytestmark = pytest.mark.reference
 
 
 def test_resolve():
-  assert engine.resolve_client_axis('auto', 'cpu') == engine.resolve_client_axis('auto', 'gpu') == 'map'
-  assert not engine.resolve_unroll('auto', 'cpu') and not engine.resolve_unroll('auto', 'tpu')
+  assert engine.resolve_client_axis('auto') == 'map'
+  assert not engine.resolve_unroll('auto')
   assert engine.resolve_conv('auto', 'cpu') == 'canonical' and engine.resolve_conv('auto', 'gpu') == 'xla'
   assert engine.resolve_conv('xla', 'cpu') == 'xla'
   assert engine.resolve_fisher_conv('auto', 'canonical') == 'canonical'
@@ -22,7 +22,7 @@ def test_resolve():
     engine.resolve_fisher_conv('fft', 'xla')
   with pytest.raises(ValueError, match='model.conv'):
     engine.resolve_conv('winograd')
-  assert engine.resolve_unroll('false', 'cpu') is False and engine.resolve_unroll(True) is True
+  assert engine.resolve_unroll('false') is False and engine.resolve_unroll(True) is True
   with pytest.raises(ValueError, match='engine.unroll'):
     engine.resolve_unroll('sometimes')
   with pytest.raises(ValueError, match='client_axis'):

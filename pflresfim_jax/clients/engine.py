@@ -56,12 +56,10 @@ def resolve_fisher_conv(name: str, model_conv: str) -> str:
   gave 1.7x the examples/s of XLA's convolution at chunk 1 (vmapped weight gradients
   become batched matrix products instead of grouped convolutions; README, Benchmark).
   """
-  if name not in ('auto', *models.CONVS):
-    raise ValueError(f"fisher.conv must be 'auto' or one of {models.CONVS}, got {name!r}")
-  return model_conv if name == 'auto' else name
+  return model_conv if name == 'auto' else resolve_conv(name, field='fisher.conv')
 
 
-def resolve_unroll(value, backend: Optional[str] = None) -> bool:
+def resolve_unroll(value) -> bool:
   """``engine.unroll``: 'auto' -> False (compact ``lax.scan`` loops) on every backend.
 
   With autodiff's convolution gradients, XLA:CPU ran them inside a while loop about 10x
@@ -69,9 +67,7 @@ def resolve_unroll(value, backend: Optional[str] = None) -> bool:
   used to unroll, at the price of long compiles and host memory. With
   ``model.conv='canonical'`` (the CPU default) or 'im2col' loops are as fast, so they
   stay compact; ``True`` unrolls.
-  ``backend`` is accepted for callers that name one; it no longer matters.
   """
-  del backend
   if value == 'auto':
     return False
   if isinstance(value, bool):
@@ -81,19 +77,19 @@ def resolve_unroll(value, backend: Optional[str] = None) -> bool:
   raise ValueError(f"engine.unroll must be 'auto', True or False, got {value!r}")
 
 
-def resolve_conv(name: str, backend: Optional[str] = None) -> str:
+def resolve_conv(name: str, backend: Optional[str] = None, field: str = 'model.conv') -> str:
   """``model.conv``: 'auto' -> 'canonical' on CPU (autodiff's convolution gradients
-  run on XLA:CPU's slow path inside loops; ``models.Conv``), 'xla' on accelerators."""
+  run on XLA:CPU's slow path inside loops; ``models.Conv``), 'xla' on accelerators.
+  ``field`` names the config field in the error."""
   if name not in ('auto', *models.CONVS):
-    raise ValueError(f"model.conv must be 'auto' or one of {models.CONVS}, got {name!r}")
+    raise ValueError(f"{field} must be 'auto' or one of {models.CONVS}, got {name!r}")
   if name != 'auto':
     return name
   return 'canonical' if (backend or jax.default_backend()) == 'cpu' else 'xla'
 
 
-def resolve_client_axis(name: str, backend: Optional[str] = None) -> str:
-  """'auto' -> 'map' (see the module docstring); checks the name."""
-  del backend
+def resolve_client_axis(name: str) -> str:
+  """'auto' -> 'map' on every backend (see the module docstring); checks the name."""
   if name not in CLIENT_AXES:
     raise ValueError(f'engine.client_axis must be one of {CLIENT_AXES}, got {name!r}')
   return 'map' if name == 'auto' else name
