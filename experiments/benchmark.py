@@ -227,7 +227,7 @@ def round_rows(k, s, base, reps, precision, d, axis):
   images = 8 if FLAGS.quick else FLAGS.images
   axis = engine.resolve_client_axis(axis)
   per_round, compile_s, n_train, memory = full_round(
-      k, s, base, images, FLAGS.method, precision, int(d), reps, FLAGS.rounds, axis)
+      k, s, base, images, FLAGS.method, precision, d, reps, FLAGS.rounds, axis)
   setting = f'{precision}, {d} device(s), client_axis={axis}'
   what = (f'full round, {FLAGS.method}, {setting}, {n_train} train images'
           + ''.join(f', {item}' for item in FLAGS.set))
@@ -237,6 +237,11 @@ def round_rows(k, s, base, reps, precision, d, axis):
             'value': (compile_s + FLAGS.rounds * per_round) / 60}]
           + [{'what': f'round memory per device (XLA analysis), {name}, {setting}', 'unit': 'MiB',
               'value': value / 2**20} for name, value in memory.items() if value is not None])
+
+
+def device_counts(flag: str) -> list:
+  """``--devices`` / ``--step_devices``: '1,2' -> [1, 2]; 'all' is every device."""
+  return [int(d) for d in flag.replace('all', str(len(jax.devices()))).split(',')]
 
 
 def main(argv):
@@ -253,10 +258,9 @@ def main(argv):
   rows = []
   parts = set(FLAGS.parts.split(','))
   convs = [engine.resolve_conv(c) for c in FLAGS.conv.split(',')]
-  step_devices = [int(d) for d in FLAGS.step_devices.replace('all', str(len(jax.devices()))).split(',')]
   for conv in convs if 'step' in parts else ():
     for strategy in map(engine.resolve_client_axis, FLAGS.step_axis.split(',')):
-      for d in step_devices:
+      for d in device_counts(FLAGS.step_devices):
         for precision in ('fp32', 'bf16'):
           rate = train_step_rate(k, b, s, base, strategy, precision, reps, conv, d)
           on = '' if d == 1 else f', {d} devices'
@@ -273,9 +277,8 @@ def main(argv):
   if FLAGS.anchor:
     anchor, info['anchor'] = anchor_rows(k, b, s, base, n, reps, rows)
     rows += anchor
-  counts = FLAGS.devices.replace('all', str(len(jax.devices()))).split(',')
   for precision in FLAGS.precision.split(',') if 'round' in parts else ():
-    for d in counts:
+    for d in device_counts(FLAGS.devices):
       for axis in FLAGS.client_axis.split(','):
         rows += round_rows(k, s, base, reps, precision, d, axis)
         write(info, rows, dev)
