@@ -110,7 +110,7 @@ def _layer_grads(layer, x: Array, dy: Array, variables, path) -> Dict[str, Array
   sum_hw = lambda a: jnp.sum(a, axis=(1, 2))
   if isinstance(layer, models.Conv):
     k, (h, w) = layer.kernel, x.shape[1:3]
-    lo, hi = models._same_pad(k)
+    lo, hi = models.same_pad(k)
     xp = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)))
     kernel = jnp.stack([jnp.stack([jnp.einsum('bhwi,bhwo->bio', xp[:, a:a + h, c:c + w], dy)
                                    for c in range(k)], 1) for a in range(k)], 1)

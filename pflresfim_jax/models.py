@@ -80,7 +80,7 @@ class Conv(nn.Module):
     b = self.param('bias', self.bias_init, (self.features,), jnp.float32)
     x, w, b = (a.astype(self.dtype) for a in (x, w, b))
     if self.impl == 'xla':
-      y = _conv(x, w, _same_pad(k))
+      y = _conv(x, w, same_pad(k))
     elif self.impl == 'im2col':
       y = jnp.dot(im2col(x, k), w.reshape(k * k * cin, self.features))
     elif self.impl == 'canonical':
@@ -99,7 +99,10 @@ def _conv(x: Array, w: Array, pad: Tuple[int, int]) -> Array:
   return jax.lax.conv_general_dilated(x, w, (1, 1), (pad, pad), dimension_numbers=_NHWC)
 
 
-def _same_pad(k: int) -> Tuple[int, int]:
+def same_pad(k: int) -> Tuple[int, int]:
+  """(low, high) padding that keeps the size under a stride-1 ``k``-wide convolution:
+  centred for an odd ``k`` (the UNet's 3 and 1); an even ``k``'s extra pixel goes low
+  (XLA's 'SAME' puts it high). Every ``Conv`` impl and fisher_layers.py pad this way."""
   return k // 2, k - 1 - k // 2
 
 
@@ -112,7 +115,7 @@ def conv_same(x: Array, w: Array) -> Array:
   and F, and whose window is the whole ``H x W`` of ``g``. Reverse mode only (a
   ``custom_vjp``: ``grad`` and ``vmap`` of it, to any order; not ``jvp``/``jacfwd``,
   for which ``model.conv='xla'`` is the same function)."""
-  return _conv(x, w, _same_pad(w.shape[0]))
+  return _conv(x, w, same_pad(w.shape[0]))
 
 
 def _conv_same_fwd(x, w):
@@ -121,7 +124,7 @@ def _conv_same_fwd(x, w):
 
 def _conv_same_bwd(res, g):
   x, w = res
-  lo, hi = _same_pad(w.shape[0])
+  lo, hi = same_pad(w.shape[0])
   dx = _conv(g, jnp.swapaxes(w[::-1, ::-1], 2, 3), (hi, lo))
   xp = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)))
   dw = _conv(jnp.transpose(xp, (3, 1, 2, 0)), jnp.transpose(g, (1, 2, 0, 3)), (0, 0))
