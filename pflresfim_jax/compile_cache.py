@@ -221,8 +221,12 @@ class Stored:
       return None
     try:
       with open(path, 'rb') as f:
-        payload, in_tree, out_tree = pickle.loads(zlib.decompress(f.read()))
-      return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+        payload, in_tree, out_tree, ids = pickle.loads(zlib.decompress(f.read()))
+      # On the devices it was compiled for, in their order (by default every device of
+      # the backend: a one-device program in a two-device process would expect two shards).
+      by_id = {d.id: d for d in jax.devices()}
+      return serialize_executable.deserialize_and_load(
+          payload, in_tree, out_tree, execution_devices=[by_id[i] for i in ids])
     except Exception as e:   # a truncated or foreign file: compile instead
       log.warning('stored program %s unreadable (%s); removed, compiling it again', path, e)
       with contextlib.suppress(OSError):
@@ -246,7 +250,8 @@ class Stored:
       log.info('%s came from JAX\'s cache; not stored again', self.name)
       return compiled
     try:
-      blob = zlib.compress(pickle.dumps(serialize_executable.serialize(compiled)), 1)
+      ids = [d.id for d in compiled.runtime_executable().local_devices()]
+      blob = zlib.compress(pickle.dumps((*serialize_executable.serialize(compiled), ids)), 1)
       os.makedirs(self.folder, exist_ok=True)
       tmp = f'{path}.{os.getpid()}.tmp'
       with open(tmp, 'wb') as f:

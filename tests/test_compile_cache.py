@@ -86,9 +86,10 @@ print(json.dumps({'traces': len(traces), 'b': np.asarray(out[0].b).tobytes().hex
 """
 
 
-def _stored(tmp_path, what='a', mode='stored', jax_cache='xla'):
+def _stored(tmp_path, what='a', mode='stored', jax_cache='xla', devices=1):
   env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
   env['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path / jax_cache)   # JAX's own cache
+  env['JAX_NUM_CPU_DEVICES'] = str(devices)
   env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   out = subprocess.run([sys.executable, '-c', STORED, str(tmp_path / 'xla' / compile_cache.EXECUTABLES),
                         what, mode], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -111,6 +112,14 @@ def test_stored_executable_is_loaded_without_tracing_and_gives_the_same_bits(tmp
   other, _ = _stored(tmp_path, what='b')
   assert other['traces'] == 1 and other['b'] == first['b'] and len(_stored_files(tmp_path)) == 1
   assert _stored(tmp_path, mode='shape')[0] == {'shape': [4, 4]}
+
+
+def test_a_stored_one_device_program_loads_in_a_two_device_process(tmp_path):
+  # The report's prediction program runs on one device while the host CPU is split in
+  # two (engine.cpu_devices): loaded, it must run on the device it was compiled for.
+  first, _ = _stored(tmp_path, devices=2)
+  assert first['traces'] == 1 and len(_stored_files(tmp_path)) == 1
+  assert _stored(tmp_path, devices=2)[0] == {**first, 'traces': 0}
 
 
 def test_unreadable_stored_executable_is_compiled_again(tmp_path):
