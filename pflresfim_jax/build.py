@@ -204,6 +204,20 @@ def compile_method(config, fed: federation.Federation, method: str, mesh=None):
           compile_cache.Stored(round_fn, folder, f'{name}-round', what))
 
 
+def predict_program(config, method: str, num_clients: int, image_shape: Sequence[int]
+                    ) -> compile_cache.Stored:
+  """``algorithm(...).predict`` jitted on one device (a report's pictures), kept with the
+  stored programs as :func:`compile_method`'s are: a cached run's report loads it
+  instead of tracing and compiling the UNet's forward pass again."""
+  algo = algorithm(config, method, num_clients, image_shape)
+  store = config.get('compile_cache', True) and methods.builtin(method) and jax.process_count() == 1
+  what = {'method': method, 'clients': num_clients, 'image_shape': list(image_shape),
+          'config': program_config(config)}
+  return compile_cache.Stored(jax.jit(algo.predict),
+                              compile_cache.executables_folder() if store else None,
+                              f'{method_folder(method)}-predict', what)
+
+
 def program_config(config) -> dict:
   """``config`` as a flat dict without the fields that change no compiled program
   (checkpoint.RESUME_IGNORES: seeds, reporting, checkpoints, caches)."""

@@ -146,7 +146,8 @@ def predictions(workdir: str, config, fed, method: str, seed: int, path: str,
     ckpt.close()
   n = max(1, min(examples, int(fed.test.counts.min())))
   images = jnp.asarray(sharding.pad_clients(fed.test.images[:, :n], k_pad))
-  probs = np.asarray(jax.nn.sigmoid(jax.jit(algo.predict)(saved['fed'], images)))
+  predict = run_parts.predict_program(config, method, k_pad, fed.image_shape)
+  probs = np.asarray(jax.nn.sigmoid(predict(saved['fed'], images)))
   plt = _plt()
   k = fed.num_clients
   fig, axes = plt.subplots(k, 3 * n, figsize=(2.2 * 3 * n, 2.2 * k), squeeze=False)

@@ -61,6 +61,13 @@ def test_compile_method_stores_the_builtin_methods_programs_on_disk_only(request
   for config, method in ((cfg, spec), (build.resolve(tiny_config(compile_cache=False)), 'fedavg')):
     init, round_fn = build.compile_method(config, fed, method)   # compiled ahead, kept in memory
     assert init.folder is None and round_fn.folder is None
+  # The report's prediction program is kept alike (a cached run's report loads it).
+  predict = build.predict_program(cfg, 'fedavg', fed.num_clients, fed.image_shape)
+  assert isinstance(predict, compile_cache.Stored) and predict.name == 'fedavg-predict'
+  assert predict.folder == compile_cache.executables_folder()
+  assert build.predict_program(cfg, spec, fed.num_clients, fed.image_shape).folder is None
+  off = build.resolve(tiny_config(compile_cache=False))
+  assert build.predict_program(off, 'fedavg', fed.num_clients, fed.image_shape).folder is None
 
 
 def test_the_initial_state_compiles_at_init_options_on_cpu_with_the_same_bits():
