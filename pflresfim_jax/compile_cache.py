@@ -250,6 +250,7 @@ class Stored:
       log.info('%s came from JAX\'s cache; not stored again', self.name)
       return compiled
     try:
+      # The devices it runs on, in order (AttributeError: a runtime without that answer).
       ids = [d.id for d in compiled.runtime_executable().local_devices()]
       blob = zlib.compress(pickle.dumps((*serialize_executable.serialize(compiled), ids)), 1)
       os.makedirs(self.folder, exist_ok=True)
@@ -257,6 +258,6 @@ class Stored:
       with open(tmp, 'wb') as f:
         f.write(blob)
       os.replace(tmp, path)
-    except (ValueError, NotImplementedError, OSError, pickle.PicklingError) as e:
+    except (ValueError, NotImplementedError, OSError, pickle.PicklingError, AttributeError) as e:
       log.warning('compiled program %s not stored (%s)', self.name, e)
     return compiled

@@ -194,3 +194,20 @@ def test_compiled_is_the_program_the_calls_run(tmp_path):
   assert program.memory_analysis().output_size_in_bytes == 16 * 16 * 4
   fn.compiled(jnp.ones((8, 16)))      # another signature: another program
   assert fn._cache_size() == 2
+
+
+def test_a_program_whose_devices_are_unknown_runs_and_is_not_stored(tmp_path, monkeypatch, caplog):
+  """Storing is best-effort: a runtime that cannot say which devices a program runs on
+  (``runtime_executable()`` may be None) gets the program run, not stored, and a warning."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  monkeypatch.setattr(jax.stages.Compiled, 'runtime_executable', lambda self: None)
+  folder = str(tmp_path / 'stored')
+  fn = compile_cache.Stored(jax.jit(lambda x: jnp.cos(x) * 7.0 - x), folder, 'toy', {'what': 'd'})
+  x = jnp.arange(12.0)
+  with caplog.at_level('WARNING'):
+    out = fn(x)
+  np.testing.assert_allclose(np.asarray(out), np.cos(np.arange(12.0)) * 7.0 - np.arange(12.0),
+                             rtol=1e-6, atol=1e-6)
+  assert _entries(folder) == [] and 'not stored' in caplog.text
