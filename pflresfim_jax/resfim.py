@@ -150,8 +150,8 @@ def fisher_pair(model: Union[nn.Module, Callable[[PyTree, Array], Array]], *,
     both = {'image': jnp.stack([images, sim]), 'label': jnp.stack([labels, labels])}
     both_mask = None if mask is None else jnp.stack([mask, mask])
     if grads == 'layers':
-      v = variables if with_state else {'params': variables}
-      squares = fisher_layers.squares_fn(model, v, per_image, _inference_kwargs(model, apply_kwargs))
+      squares = fisher_layers.squares_fn(model, _linen_variables(variables), per_image,
+                                         _inference_kwargs(model, apply_kwargs))
       f = fisher.accumulate(squares, params, both, chunk_size, both_mask, unroll)
     else:
       f = fisher.diagonals(loss_fn, params, both, chunk_size, both_mask, unroll)
@@ -254,14 +254,18 @@ def _linen_apply(module: nn.Module, apply_kwargs: Optional[Mapping[str, Any]]):
   kwargs = _inference_kwargs(module, apply_kwargs)
 
   def apply_fn(variables, images):
-    v = variables if _has_state(variables) else {'params': variables}
-    return module.apply(v, images, **kwargs)
+    return module.apply(_linen_variables(variables), images, **kwargs)
   return apply_fn
 
 
 def _has_state(variables: PyTree) -> bool:
   """Flax variables ``{'params': ..., other collections}`` rather than bare parameters."""
   return isinstance(variables, Mapping) and 'params' in variables
+
+
+def _linen_variables(variables: PyTree) -> PyTree:
+  """``variables`` as a linen module's ``apply`` takes them (bare parameters wrapped)."""
+  return variables if _has_state(variables) else {'params': variables}
 
 
 def _simulated(batch: Mapping[str, Array], ratio: float, lam_range, value_range) -> Array:
