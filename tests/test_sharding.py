@@ -61,7 +61,12 @@ from pflresfim_jax.clients import sharding
 sys.path.insert(0, sys.argv[2])
 from fed_helpers import tiny_config, tiny_fed
 assert len(jax.devices()) == 8, jax.devices()
-out = {}
+from pflresfim_jax import masks
+import re
+stacked = sharding.put_clients({'a': np.arange(8 * 15).reshape(8, 3, 5) % 3 == 0,
+                                'b': np.arange(8 * 7).reshape(8, 7) % 2 == 0}, sharding.client_mesh(8))
+gathers = re.findall(r'= (\w+)\[[^=]*? all-gather\(', jax.jit(masks.overlap).lower(stacked).compile().as_text())
+out = {'overlap_all_gathers': gathers}
 for method, axis, devices in [('pfl_resfim', 'vmap', 1), ('pfl_resfim', 'vmap', 8),
                               ('fedavg', 'map', 1), ('fedavg', 'map', 2)]:
   cfg = tiny_config(method=method, rounds=2, lr=1e-6, **{'engine.client_axis': axis})
@@ -108,6 +113,8 @@ def test_sharded_clients_match_one_device(tmp_path):
                         capture_output=True, text=True, env=env, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   out = json.loads((tmp_path / 'out.json').read_text())
+  # masks.overlap with the clients sharded: the masks cross devices once, as int8.
+  assert out.pop('overlap_all_gathers') == ['s8'], out
   # Per-device programs batch the convolutions differently, so floats differ in the last
   # bits. Adam turns that noise in near-zero gradients into +-lr steps, so (as in
   # test_engine's vmap-vs-map check) the runs use a tiny lr. A real difference (a
