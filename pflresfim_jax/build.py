@@ -189,8 +189,10 @@ def compile_method(config, fed: federation.Federation, method: str, mesh=None):
   # Metrics come back replicated: every process (jax.distributed) can read them.
   round_fn = jax.jit(checked_round, donate_argnums=(0,),
                      out_shardings=(sharding.split(mesh), sharding.replicated(mesh)))
-  if jax.process_count() > 1:
-    return init, round_fn
+  name = method_folder(method)
+  init_opts = init_options(mesh.devices.flat[0].platform)
+  if jax.process_count() > 1:   # each process compiles its own programs; none are stored
+    return compile_cache.Stored(init, None, f'{name}-init', {}, init_opts), round_fn
   # Stored on disk only for the package's own methods: a method from elsewhere may
   # import code that the stored programs' key (the package source) does not cover.
   store = config.get('compile_cache', True) and methods.builtin(method)
@@ -198,9 +200,7 @@ def compile_method(config, fed: federation.Federation, method: str, mesh=None):
   what = {'method': method, 'clients': sharding.padded_clients(fed.num_clients, mesh),
           'image_shape': list(fed.image_shape), 'mesh': repr(mesh),
           'config': program_config(config)}
-  name = method_folder(method)
-  return (compile_cache.Stored(init, folder, f'{name}-init', what,
-                               init_options(mesh.devices.flat[0].platform)),
+  return (compile_cache.Stored(init, folder, f'{name}-init', what, init_opts),
           compile_cache.Stored(round_fn, folder, f'{name}-round', what))
 
 

@@ -70,10 +70,15 @@ def test_compile_method_stores_the_builtin_methods_programs_on_disk_only(request
   assert build.predict_program(off, 'fedavg', fed.num_clients, fed.image_shape).folder is None
 
 
-def test_the_initial_state_compiles_at_init_options_on_cpu_with_the_same_bits():
+def test_the_initial_state_compiles_at_init_options_on_cpu_with_the_same_bits(monkeypatch):
   import jax
   import numpy as np
   from tests.fed_helpers import tiny_config, tiny_fed
+  with monkeypatch.context() as m:   # jax.distributed: each process compiles, none stores
+    m.setattr(jax, 'process_count', lambda: 2)
+    init, round_fn = build.compile_method(build.resolve(tiny_config()), tiny_fed(), 'fedbn')
+    assert init.folder is None and not hasattr(round_fn, 'folder')
+    assert jax.default_backend() != 'cpu' or init.compiler_options == build.INIT_OPTIONS
   init, _ = build.compile_method(build.resolve(tiny_config(compile_cache=False)), tiny_fed(), 'fedbn')
   assert jax.default_backend() != 'cpu' or init.compiler_options == build.INIT_OPTIONS
   key = jax.random.PRNGKey(7)
