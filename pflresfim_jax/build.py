@@ -61,6 +61,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   on_phantom = config.data.root is None and not config.data.clients
   if config.rounds is None:
     config.rounds = config.phantom.rounds if on_phantom else config.paper_rounds
+  config_lib.first_recorded_round(config)   # eval.record_from fits the rounds
   if config.lr is None:
     config.lr = config.phantom.lr if on_phantom else config.paper_lr
   if config.model.base is None:
@@ -220,7 +221,8 @@ def predict_program(config, method: str, num_clients: int, image_shape: Sequence
 
 def program_config(config) -> dict:
   """``config`` as a flat dict without the fields that change no compiled program
-  (checkpoint.RESUME_IGNORES: seeds, reporting, checkpoints, caches)."""
+  (checkpoint.RESUME_IGNORES: seeds, reporting, checkpoints, caches; and which rounds
+  record test metrics, eval.record_from: the trainer's bookkeeping)."""
   flat = checkpoint.flatten(json.loads(config.to_json_best_effort()))
-  return {k: v for k, v in flat.items()
-          if not any(k == i or k.startswith(i + '.') for i in checkpoint.RESUME_IGNORES)}
+  ignored = (*checkpoint.RESUME_IGNORES, 'eval.record_from')
+  return {k: v for k, v in flat.items() if not any(k == i or k.startswith(i + '.') for i in ignored)}

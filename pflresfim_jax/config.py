@@ -122,6 +122,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 16
   c.eval.threshold = 0.5
+  # First round whose val improvements record test metrics (METHOD.md 7): 'half' = T//2
+  # (its "second half"); 'after_half' = T//2 + 1, as FL-MedSegBench's main_seg.py
+  # (`rounds > args.T//2`). See first_recorded_round.
+  c.eval.record_from = 'half'
   return c
 
 
@@ -172,6 +176,11 @@ def _devices(v):
 _INT1, _INT0 = _number(1, integer=True), _number(0, integer=True)
 _FRACTION = _number(0.0, 1.0)
 _FLAG = _one_of(True, False, 'true', 'false')
+
+# eval.record_from -> rounds added to T//2 (see base_config).
+RECORD_FROM = {'half': 0, 'after_half': 1}
+
+
 RULES = {
     'rounds': _number(1, integer=True, none=True),   # None: filled by build.resolve
     'paper_rounds': _INT1, 'local_epochs': _INT0, 'batch_size': _INT1,
@@ -208,6 +217,7 @@ RULES = {
     'report.examples': _INT0,
     'tensorboard': _one_of('auto', True, False, 'true', 'false'),
     'eval.batch_size': _INT1, 'eval.threshold': _number(0.0, 1.0, open_lo=True, open_hi=True),
+    'eval.record_from': _one_of(*RECORD_FROM),
     'data.split_seed': _INT0, 'phantom.seed': _INT0, 'report.enabled': _FLAG, 'resume': _FLAG,
     'compile_cache': _FLAG, 'distributed': _FLAG,
 }
@@ -238,6 +248,23 @@ def validate(config) -> None:
   lam_min, lam_max = get('spectral.lam_min'), get('spectral.lam_max')
   if _MISSING not in (lam_min, lam_max) and lam_min > lam_max:
     raise ValueError(f'config.spectral.lam_min ({lam_min}) must be <= config.spectral.lam_max ({lam_max})')
+  if isinstance(get('rounds'), int):
+    first_recorded_round(config)
+
+
+def first_recorded_round(config) -> int:
+  """The first round (0-based) whose val Dice improvements record a client's test
+  metrics: ``T//2``, or ``T//2 + 1`` under ``eval.record_from='after_half'``.
+
+  Raises:
+    ValueError: that round is past the last one (``config.rounds`` too small).
+  """
+  record_from = config.eval.get('record_from', 'half')
+  first = config.rounds // 2 + RECORD_FROM[record_from]
+  if first > config.rounds - 1:
+    raise ValueError(f'config.eval.record_from={record_from!r} records from round {first}, '
+                     f'past the last of config.rounds={config.rounds}: use \'half\' or more rounds')
+  return first
 
 
 _MISSING = object()

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import ml_collections
 import numpy as np
 
-from pflresfim_jax import build, report, selectors, sweep, train
+from pflresfim_jax import build, config as config_lib, report, selectors, sweep, train
 
 log = logging.getLogger('pflresfim_jax')
 
@@ -122,8 +122,8 @@ def _settings(config) -> List[str]:
           f'{c.local_epochs} local epochs (lr {c.lr}, {c.lr_schedule} schedule), UNet base '
           f'{c.model.base} with {c.model.levels} levels, seeds {c.seeds}; resfim.ratio '
           f'{c.resfim.ratio}, spectral.ratio {c.spectral.ratio} (a {2 * b + 1}x{2 * b + 1} '
-          'amplitude window). Test Dice is recorded at each client\'s best val Dice of the '
-          'second half (METHOD.md 7).']
+          'amplitude window). Test Dice is recorded at each client\'s best val Dice of rounds '
+          f'{config_lib.first_recorded_round(c)}..{c.rounds - 1} (METHOD.md 7).']
 
 
 def _shift_section(runs: Dict, shift: str, out_dir: str) -> List[str]:

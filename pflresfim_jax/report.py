@@ -29,6 +29,8 @@ from typing import Dict, List
 
 import numpy as np
 
+from pflresfim_jax import config as config_lib
+
 log = logging.getLogger('pflresfim_jax')
 
 
@@ -231,7 +233,8 @@ def build(workdir: str, config=None, fed=None) -> str:
   rounds = config.rounds
   intro = (f'Data: {"phantom" if config.data.root is None and not config.data.clients else config.data.name}, '
            f'{fed.num_clients} clients, {rounds} rounds, UNet base {config.model.base}. '
-           f'Test Dice (%) recorded at each client\'s best val Dice in rounds {rounds // 2}..{rounds - 1}.')
+           f'Test Dice (%) recorded at each client\'s best val Dice in rounds '
+           f'{config_lib.first_recorded_round(config)}..{rounds - 1}.')
   md = ['# Report', '', intro, '', '## Results', '', table.rstrip(), '']
   for title, name in pictures:
     md += [f'## {title}', '', f'![{title}](report/{name})', '']

@@ -180,7 +180,8 @@ def run_one(config, fed: federation.Federation, method: str, seed: int, workdir:
   """Train one method with one seed (resuming from ``workdir``'s checkpoints).
 
   Test metrics are recorded for a client whenever its val Dice improves in the
-  second half of training (rounds T//2 .. T-1), METHOD.md 7. A finished run
+  second half of training (rounds T//2 .. T-1, METHOD.md 7; from T//2 + 1 under
+  ``eval.record_from='after_half'``: config.first_recorded_round). A finished run
   (``result.json`` present) is not trained again.
 
   Raises:
@@ -209,7 +210,7 @@ def run_one(config, fed: federation.Federation, method: str, seed: int, workdir:
   start, state, k_run, bank, (best_val, best_round, recorded) = _start(
       ckpt, init_fn, seed, k, bank, mesh, metrics_path, f'{method} seed {seed}')
   mesh_clients = sharding.padded_clients(k, mesh)
-  half = config.rounds // 2
+  first_recorded = config_lib.first_recorded_round(config)
   main = distributed.is_main()
   writer = _event_writer(config, workdir) if main else None
   progress = Progress(config.rounds, f'{method} seed {seed}', stream=sys.stderr if main else None)
@@ -225,7 +226,7 @@ def run_one(config, fed: federation.Federation, method: str, seed: int, workdir:
         _check_finite(m, fed.clients, ckpt, f'{method} seed {seed}: round {rnd}')
         with stop.round_end() if stop is not None else contextlib.nullcontext():
           val_dice = last_val = m['val']['dice']
-          if rnd >= half:
+          if rnd >= first_recorded:
             better = val_dice > best_val
             best_val = np.where(better, val_dice, best_val)
             best_round = np.where(better, rnd, best_round)
@@ -394,7 +395,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   if not distributed.is_main():
     return {'workdir': workdir, 'clients': list(fed.clients), 'methods': results, 'tables': tables}
   print(f'\nTest Dice (%) per client, recorded at the best val Dice of rounds '
-        f'{config.rounds // 2}..{config.rounds - 1}:\n')
+        f'{config_lib.first_recorded_round(config)}..{config.rounds - 1}:\n')
   print(tables['md'])
   written = [os.path.join(workdir, 'results.md'), 'results.csv', '<method>/seed<k>/metrics.jsonl']
   if config.report.enabled and jax.process_count() > 1:

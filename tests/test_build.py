@@ -92,10 +92,11 @@ def test_the_initial_state_compiles_at_init_options_on_cpu_with_the_same_bits(mo
 
 def test_program_config_leaves_out_what_changes_no_program():
   from tests.fed_helpers import tiny_config
-  base = build.program_config(build.resolve(tiny_config()))
-  same = build.resolve(tiny_config(seeds='3,4', method='fedbn', **{'report.enabled': False}))
+  base = build.program_config(build.resolve(tiny_config(rounds=4)))
+  same = build.resolve(tiny_config(rounds=4, seeds='3,4', method='fedbn',
+                                   **{'report.enabled': False, 'eval.record_from': 'after_half'}))
   assert build.program_config(same) == base
-  assert build.program_config(build.resolve(tiny_config(batch_size=2))) != base
+  assert build.program_config(build.resolve(tiny_config(rounds=4, batch_size=2))) != base
   assert 'seeds' not in base and 'batch_size' in base
 
 

@@ -30,7 +30,8 @@ BAD = [
     ('engine.precision', 'fp8'), ('engine.devices', '0'), ('engine.cpu_devices', 0), ('cluster.num_processes', -1),
     ('cluster.process_id', -2), ('checkpoint.every', 0), ('checkpoint.keep', 0), ('checkpoint.stop_grace', -1.0),
     ('report.examples', -1), ('report.enabled', 'yes'), ('tensorboard', 'maybe'),
-    ('eval.batch_size', 0), ('eval.threshold', 1.0), ('resume', 'no'), ('compile_cache', 3),
+    ('eval.batch_size', 0), ('eval.threshold', 1.0), ('eval.record_from', 'best'),
+    ('resume', 'no'), ('compile_cache', 3),
     ('distributed', 'no'),
 ]
 
@@ -81,6 +82,19 @@ def test_shipped_configs_and_edges_pass():
   c.spectral.lam_min = 0.5
   with pytest.raises(ValueError, match=r'config\.spectral\.lam_min \(0.5\) must be <= config\.spectral\.lam_max'):
     build.resolve(c)
+  # The recording window: rounds T//2.. (METHOD.md 7) or T//2 + 1.. (main_seg.py); a
+  # window past the last round is refused, also when build.resolve fills the rounds.
+  for rounds, record_from, first in ((16, 'half', 8), (16, 'after_half', 9), (3, 'after_half', 2),
+                                     (1, 'half', 0)):
+    c = with_value('eval.record_from', record_from)
+    c.rounds = rounds
+    assert config_lib.first_recorded_round(build.resolve(c)) == first
+  for rounds in (1, None):
+    c = with_value('eval.record_from', 'after_half')
+    c.rounds, c.phantom.rounds = rounds, 1
+    with pytest.raises(ValueError, match=r"config\.eval\.record_from='after_half' records from round 1, "
+                                         r"past the last of config\.rounds=1"):
+      build.resolve(c)
 
 
 def test_entry_point_refuses_before_loading(tmp_path):

@@ -235,6 +235,37 @@ def test_non_finite_stops_with_round_and_client_keeping_last_checkpoint(tmp_path
   assert _lines(tmp_path / 'metrics.jsonl') == 2 and not (tmp_path / 'result.json').exists()
 
 
+# Val Dice per round (rows) and client (columns) the scripted rounds report: client 0
+# peaks at round 3 (and at round 0, before any window), client 1 ties at rounds 4 and 5,
+# client 2 never rises above 0.
+SCRIPTED_VAL = np.array([[0.9, 0.1, 0.0], [0.1, 0.2, 0.0], [0.2, 0.3, 0.0],
+                         [0.5, 0.4, 0.0], [0.4, 0.6, 0.0], [0.3, 0.6, 0.0]], np.float32)
+
+
+@pytest.mark.parametrize('record_from, first', [('half', 3), ('after_half', 4)])
+def test_test_metrics_are_recorded_at_each_clients_best_val_dice_of_the_window(tmp_path, record_from, first):
+  """METHOD.md 7, against metrics.jsonl: a client's result is its test Dice of the first
+  round of its highest val Dice in rounds first..T-1 (T//2, or T//2 + 1 as main_seg.py)."""
+  import jax.numpy as jnp
+  from fed_helpers import tiny_config, tiny_fed
+  cfg = build.resolve(tiny_config(method='local', rounds=6, **{'eval.record_from': record_from}))
+  fed = tiny_fed(16, 3)
+  init_fn, round_fn = build.compile_method(cfg, fed, 'local')   # the same program for both
+
+  def scripted(state, data, bank, key, rnd):
+    state, m = round_fn(state, data, bank, key, rnd)
+    return state, {**m, 'val': {**m['val'], 'dice': jnp.asarray(SCRIPTED_VAL[int(rnd)])}}
+
+  res = train.run_one(cfg, fed, 'local', 0, str(tmp_path), compiled=(init_fn, scripted))
+  recs = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  np.testing.assert_array_equal([r['val']['dice'] for r in recs], SCRIPTED_VAL)
+  best = first + np.argmax(SCRIPTED_VAL[first:], 0)             # np.argmax: the first maximum
+  assert best.tolist() == ([3, 4, 3] if record_from == 'half' else [4, 4, 4])
+  np.testing.assert_array_equal(res['best_round'], best)
+  want = [100 * np.float32(recs[r]['test']['dice'][k]) for k, r in enumerate(best)]
+  np.testing.assert_allclose(res['test_dice'], want, rtol=1e-6)
+
+
 def test_round_prepared_ahead_is_the_one_the_rounds_run(tmp_path, monkeypatch):
   """_train_methods prepares the round from abstract arguments (the initial state's
   eval_shape, build.bank_spec) before the bank exists: the rounds must then run that
