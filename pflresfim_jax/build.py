@@ -190,19 +190,15 @@ def compile_method(config, fed: federation.Federation, method: str, mesh=None):
   # Metrics come back replicated: every process (jax.distributed) can read them.
   round_fn = jax.jit(checked_round, donate_argnums=(0,),
                      out_shardings=(sharding.split(mesh), sharding.replicated(mesh)))
-  name = method_folder(method)
-  init_opts = init_options(mesh.devices.flat[0].platform)
-  if jax.process_count() > 1:   # each process compiles its own programs; none are stored
-    return compile_cache.Stored(init, None, f'{name}-init', {}, init_opts), round_fn
-  # Stored on disk only for the package's own methods: a method from elsewhere may
-  # import code that the stored programs' key (the package source) does not cover.
-  store = config.get('compile_cache', True) and methods.builtin(method)
-  folder = compile_cache.executables_folder() if store else None
+  name, folder = method_folder(method), _programs_folder(config, method)
   what = {'method': method, 'clients': sharding.padded_clients(fed.num_clients, mesh),
           'image_shape': list(fed.image_shape), 'mesh': repr(mesh),
           'config': program_config(config)}
-  return (compile_cache.Stored(init, folder, f'{name}-init', what, init_opts),
-          compile_cache.Stored(round_fn, folder, f'{name}-round', what))
+  init = compile_cache.Stored(init, folder, f'{name}-init', what,
+                              init_options(mesh.devices.flat[0].platform))
+  if jax.process_count() > 1:   # each process compiles its own round: plain jit
+    return init, round_fn
+  return init, compile_cache.Stored(round_fn, folder, f'{name}-round', what)
 
 
 def predict_program(config, method: str, num_clients: int, image_shape: Sequence[int]
@@ -211,12 +207,21 @@ def predict_program(config, method: str, num_clients: int, image_shape: Sequence
   stored programs as :func:`compile_method`'s are: a cached run's report loads it
   instead of tracing and compiling the UNet's forward pass again."""
   algo = algorithm(config, method, num_clients, image_shape)
-  store = config.get('compile_cache', True) and methods.builtin(method) and jax.process_count() == 1
   what = {'method': method, 'clients': num_clients, 'image_shape': list(image_shape),
           'config': program_config(config)}
-  return compile_cache.Stored(jax.jit(algo.predict),
-                              compile_cache.executables_folder() if store else None,
+  return compile_cache.Stored(jax.jit(algo.predict), _programs_folder(config, method),
                               f'{method_folder(method)}-predict', what)
+
+
+def _programs_folder(config, method: str) -> Optional[str]:
+  """Where ``method``'s compiled programs are stored on disk, or None (kept in memory).
+
+  Stored only with ``config.compile_cache`` on, in a single process, and for the
+  package's own methods: a method from elsewhere may import code that the stored
+  programs' key (the package source) does not cover.
+  """
+  store = config.get('compile_cache', True) and methods.builtin(method) and jax.process_count() == 1
+  return compile_cache.executables_folder() if store else None
 
 
 def program_config(config) -> dict:
