@@ -117,6 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.report = ml_collections.ConfigDict()
   c.report.enabled = True        # report.md / report.html in the workdir at the end
   c.report.examples = 1          # test images per client in the prediction grid
+  c.report.colours = 64          # PNG palette size (adaptive, at most 256); 0: full colour
   c.tensorboard = 'auto'         # event files when tensorboardX / tensorboard is importable; 'true' / 'false'
 
   c.eval = ml_collections.ConfigDict()
@@ -214,7 +215,7 @@ RULES = {
     'engine.cpu_devices': _INT1,
     'cluster.num_processes': _INT0, 'cluster.process_id': _number(-1, integer=True),
     'checkpoint.every': _INT1, 'checkpoint.keep': _INT1, 'checkpoint.stop_grace': _number(0.0),
-    'report.examples': _INT0,
+    'report.examples': _INT0, 'report.colours': _number(0, 256, integer=True),
     'tensorboard': _one_of('auto', True, False, 'true', 'false'),
     'eval.batch_size': _INT1, 'eval.threshold': _number(0.0, 1.0, open_lo=True, open_hi=True),
     'eval.record_from': _one_of(*RECORD_FROM),

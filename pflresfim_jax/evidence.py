@@ -126,7 +126,7 @@ def _settings(config) -> List[str]:
           f'{config_lib.first_recorded_round(c)}..{c.rounds - 1} (METHOD.md 7).']
 
 
-def _shift_section(runs: Dict, shift: str, out_dir: str) -> List[str]:
+def _shift_section(runs: Dict, shift: str, out_dir: str, colours: int) -> List[str]:
   rows = _shift_runs(runs, shift)
   clients = runs[rows[0][1]]['clients']
   lines = [f'## Shift: {shift}', '', '### Test Dice (%), mean ± std over seeds', '']
@@ -140,7 +140,7 @@ def _shift_section(runs: Dict, shift: str, out_dir: str) -> List[str]:
                   [[label, *_curve_rows(per_seed, at)] for label, per_seed in metrics.items()])
   picture = f'evidence/{shift}_val_dice.png'
   os.makedirs(os.path.join(out_dir, 'evidence'), exist_ok=True)
-  report.dice_curves(metrics, clients, os.path.join(out_dir, picture))
+  report.dice_curves(metrics, clients, os.path.join(out_dir, picture), colours)
   lines += ['', f'![val Dice per client, {shift}]({picture})', '',
             '### Masks: kept local from the previous round, and shared with the other clients', '',
             'Kept: the share of a client\'s local entries that were local in the round before '
@@ -177,5 +177,6 @@ def write(config, runs: Dict, shifts: Sequence[str], out_dir: str) -> str:
                        [next(r for r in _shift_runs(runs, s) if r[0] == label) for s in shifts]]]
              for label, _, _ in _shift_runs(runs, shifts[0])]
   head += ['## Mean test Dice (%) by shift', '', *_table(['method', *shifts], summary), '']
-  body = [line for s in shifts for line in _shift_section(runs, s, out_dir)]
+  colours = int(config.report.get('colours', 64))
+  body = [line for s in shifts for line in _shift_section(runs, s, out_dir, colours)]
   return '\n'.join(head + body + _placement_section(runs)) + '\n'

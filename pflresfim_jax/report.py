@@ -14,13 +14,16 @@ Pictures (PNG, in ``<workdir>/report/``):
   prediction of the last checkpoint's model (of pfl_resfim if it ran, else the
   first method), seed = the first one.
 
-report.html holds the same with the pictures inline (base64).
+report.html holds the same with the pictures inline (base64). The PNGs are written
+with an adaptive palette of ``report.colours`` colours (64 by default: a third of the
+full-colour file's bytes for the same picture; 0 keeps full colour).
 """
 from __future__ import annotations
 
 import base64
 import glob
 import html
+import io
 import json
 import logging
 import os
@@ -56,6 +59,27 @@ def _plt():
   return plt
 
 
+def save_png(fig, path: str, colours: int = 64) -> None:
+  """Write matplotlib ``fig`` to ``path`` as a PNG and close it.
+
+  Args:
+    fig: a matplotlib Figure (drawn at 80 dpi).
+    path: the PNG's path.
+    colours: > 0: an adaptive palette of that many colours (PIL's median cut, at most
+      256); 0: full colour, as matplotlib writes it.
+  """
+  if colours:
+    from PIL import Image
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', dpi=80)
+    buf.seek(0)
+    with Image.open(buf) as im:
+      im.convert('RGB').quantize(colors=int(colours)).save(path, optimize=True)
+  else:
+    fig.savefig(path, dpi=80)
+  _plt().close(fig)
+
+
 def _layer_order(name: str):
   """Encoder stages first, then the decoder from the bottom up, then the head."""
   m = re.match(r'(enc|dec)(\d+)_(\w+)', name)
@@ -65,7 +89,7 @@ def _layer_order(name: str):
   return (0, stage, name) if m.group(1) == 'enc' else (1, -stage, name)
 
 
-def dice_curves(runs, clients: List[str], path: str) -> None:
+def dice_curves(runs, clients: List[str], path: str, colours: int = 64) -> None:
   """Val Dice (%) vs round, a panel per client, a line per method (seed mean)."""
   plt = _plt()
   k = len(clients)
@@ -88,11 +112,11 @@ def dice_curves(runs, clients: List[str], path: str) -> None:
     ax.grid(alpha=0.3)
   axes.flat[0].legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  save_png(fig, path, colours)
 
 
-def local_layers(records: List[dict], clients: List[str], method: str, path: str) -> bool:
+def local_layers(records: List[dict], clients: List[str], method: str, path: str,
+                 colours: int = 64) -> bool:
   """Fraction kept local per layer (heat maps); False when the records hold none."""
   recs = [r for r in records if 'layer_fraction' in r]
   if not recs:
@@ -115,13 +139,12 @@ def local_layers(records: List[dict], clients: List[str], method: str, path: str
     fig.colorbar(im, ax=ax, fraction=0.04)
   b.set_xlabel('round')
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  save_png(fig, path, colours)
   return True
 
 
 def predictions(workdir: str, config, fed, method: str, seed: int, path: str,
-                examples: int = 1) -> bool:
+                examples: int = 1, colours: int = 64) -> bool:
   """Image / label / prediction for ``examples`` test images per client; False if no checkpoint."""
   import jax
   import jax.numpy as jnp
@@ -169,8 +192,7 @@ def predictions(workdir: str, config, fed, method: str, seed: int, path: str,
           ax.set_ylabel(fed.clients[i], fontsize=8)
   fig.suptitle(f'{method}, seed {seed}, model after round {meta["round"]}', fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  save_png(fig, path, colours)
   return True
 
 
@@ -210,10 +232,11 @@ def build(workdir: str, config=None, fed=None) -> str:
   runs = load_metrics(workdir)
   if not runs:
     raise FileNotFoundError(f'no <method>/seed<k>/metrics.jsonl in {workdir}: nothing to report')
+  colours = int(config.report.get('colours', 64))
   pics_dir = os.path.join(workdir, 'report')
   os.makedirs(pics_dir, exist_ok=True)
   pictures = []
-  dice_curves(runs, list(fed.clients), os.path.join(pics_dir, 'dice_curves.png'))
+  dice_curves(runs, list(fed.clients), os.path.join(pics_dir, 'dice_curves.png'), colours)
   pictures.append(('Validation Dice per round', 'dice_curves.png'))
   # The first method whose mask changes by round (pfl_resfim first): its heat map.
   masked = next((m for m in sorted(runs, key=lambda m: (m != 'pfl_resfim', m))
@@ -221,12 +244,12 @@ def build(workdir: str, config=None, fed=None) -> str:
   if masked is not None:
     seed = min(runs[masked])
     if local_layers(runs[masked][seed], list(fed.clients), masked,
-                    os.path.join(pics_dir, 'local_layers.png')):
+                    os.path.join(pics_dir, 'local_layers.png'), colours):
       pictures.append((f'Entries kept local per layer ({masked}, seed {seed})', 'local_layers.png'))
   shown = 'pfl_resfim' if 'pfl_resfim' in runs else next(iter(runs))
   seed = min(runs[shown])
   if predictions(workdir, config, fed, shown, seed, os.path.join(pics_dir, 'predictions.png'),
-                 int(config.report.examples)):
+                 int(config.report.examples), colours):
     pictures.append((f'Test predictions ({shown}, seed {seed}, last checkpoint)', 'predictions.png'))
   table_path = os.path.join(workdir, 'results.md')
   table = open(table_path).read() if os.path.exists(table_path) else '(no results.md yet)\n'

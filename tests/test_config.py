@@ -29,7 +29,7 @@ BAD = [
     ('fedcac.beta', 0.0), ('engine.client_axis', 'pmap'), ('engine.unroll', 'sometimes'),
     ('engine.precision', 'fp8'), ('engine.devices', '0'), ('engine.cpu_devices', 0), ('cluster.num_processes', -1),
     ('cluster.process_id', -2), ('checkpoint.every', 0), ('checkpoint.keep', 0), ('checkpoint.stop_grace', -1.0),
-    ('report.examples', -1), ('report.enabled', 'yes'), ('tensorboard', 'maybe'),
+    ('report.examples', -1), ('report.colours', 257), ('report.enabled', 'yes'), ('tensorboard', 'maybe'),
     ('eval.batch_size', 0), ('eval.threshold', 1.0), ('eval.record_from', 'best'),
     ('resume', 'no'), ('compile_cache', 3),
     ('distributed', 'no'),

@@ -36,6 +36,26 @@ def test_load_metrics_and_pictures(tmp_path):
   assert not (tmp_path / 'x.png').exists()
 
 
+def test_pictures_are_written_with_the_palette_asked_for(tmp_path):
+  from PIL import Image
+  _write_run(tmp_path, 'fedavg', 0, 5, k=3)
+  runs = report.load_metrics(str(tmp_path))
+  sizes = {}
+  for colours in (0, 16, 64):
+    path = tmp_path / f'c{colours}.png'
+    report.dice_curves(runs, ['A', 'B', 'C'], str(path), colours=colours)
+    with Image.open(path) as im:
+      im.load()
+      if colours:
+        assert im.mode == 'P' and len(im.getcolors(256)) <= colours
+      else:
+        assert im.mode == 'RGBA' and len(im.getcolors(1 << 16)) > 64   # antialiased lines
+      sizes[colours] = path.stat().st_size
+      shape = im.size
+    assert shape == (3 * 4 * 80, 3 * 80)   # figsize (12, 3) inches at 80 dpi, either way
+  assert sizes[16] < sizes[64] < sizes[0]
+
+
 def test_layer_order_is_the_models_order():
   names = ['head', 'dec1_up/conv', 'enc10_0/bn', 'dec4_up/conv', 'enc2_0/conv', 'enc1_1/bn']
   assert sorted(names, key=report._layer_order) == [
