@@ -550,8 +550,6 @@ def serve(config, method: str, seed: int, num_clients: int, send, min_clients: i
     last round the client completed}, 'wire': bytes per message kind}.
   """
   log = log or (lambda text: None)
-  base = {'config': json.dumps(config.to_dict()), 'method': method, 'seed': seed,
-          'num_clients': num_clients}
   wire = {'query_down': 0, 'query_up': 0, 'train_down': 0, 'train_up': 0}
 
   def count(direction, msgs):
@@ -562,23 +560,10 @@ def serve(config, method: str, seed: int, num_clients: int, send, min_clients: i
       raise RuntimeError(f'{what}: {len(replies)} of {num_clients} clients answered, '
                          f'fewer than min_clients={min_clients}')
 
-  query = {k: (QUERY, dict(base), {}) for k in range(num_clients)}
-  replies = send(query)
-  count('query_up', replies)
-  need(replies, 'style exchange')
-  shapes = {tuple(m['image_shape']) for m, _ in replies.values()}
-  if len(shapes) != 1:
-    raise ValueError(f'clients disagree on the image shape: {sorted(shapes)}')
-  names = {k: m['name'] for k, (m, _) in replies.items()}
-  # Example slots per split: what the simulator's stacking pads every client to.
-  base['slots'] = {s: max(m['counts'][s] for m, _ in replies.values()) for s in federation.SPLITS}
-  server = Server(config, method, num_clients, shapes.pop(), seed)
-  bank = server.bank({k: a for k, (_, a) in replies.items()})
-  bank_arrays = prefixed('bank', bank)
-  base['bank'] = hashlib.sha256(b''.join(np.ascontiguousarray(bank[n]).tobytes()
-                                         for n in sorted(bank))).hexdigest()[:16]
+  base = {'config': json.dumps(config.to_dict()), 'method': method, 'seed': seed,
+          'num_clients': num_clients}
+  server, bank_arrays, names = _style_exchange(config, base, send, count, need, log)
   holds_bank = set()     # clients whose last training reply confirmed the bank
-  log(f'style exchange: {len(replies)} clients, bank of {len(bank["owner"])} windows')
   outbox: Dict[int, Tuple[int, Flat]] = {}
   rounds, final = [], {}
 
@@ -619,6 +604,36 @@ def serve(config, method: str, seed: int, num_clients: int, send, min_clients: i
     _add_dice(rec, metrics_by_round.get(rec['round'], {}), num_clients)
   return {'clients': [names.get(k) for k in range(num_clients)], 'rounds': rounds,
           'final': final, 'wire': wire}
+
+
+def _style_exchange(config, base: Dict[str, Any], send, count, need, log):
+  """The first message: each client's name, image shape, split sizes and amplitude
+  windows, from which the server draws the style bank.
+
+  Args:
+    config, send, log: as :func:`serve`'s; count(direction, msgs) adds up the bytes
+      on the wire; need(replies, what) raises when too few clients answered.
+    base: the metadata every message carries; gains 'slots' (example slots per split,
+      what the simulator pads every client to) and 'bank' (the bank's hash).
+
+  Returns:
+    (the Server, the bank as message arrays, {index: client name}).
+  """
+  num_clients = base['num_clients']
+  replies = send({k: (QUERY, dict(base), {}) for k in range(num_clients)})
+  count('query_up', replies)
+  need(replies, 'style exchange')
+  shapes = {tuple(m['image_shape']) for m, _ in replies.values()}
+  if len(shapes) != 1:
+    raise ValueError(f'clients disagree on the image shape: {sorted(shapes)}')
+  names = {k: m['name'] for k, (m, _) in replies.items()}
+  base['slots'] = {s: max(m['counts'][s] for m, _ in replies.values()) for s in federation.SPLITS}
+  server = Server(config, base['method'], num_clients, shapes.pop(), base['seed'])
+  bank = server.bank({k: a for k, (_, a) in replies.items()})
+  base['bank'] = hashlib.sha256(b''.join(np.ascontiguousarray(bank[n]).tobytes()
+                                         for n in sorted(bank))).hexdigest()[:16]
+  log(f'style exchange: {len(replies)} clients, bank of {len(bank["owner"])} windows')
+  return server, prefixed('bank', bank), names
 
 
 def _add_dice(record: Dict[str, Any], got: Dict[int, Any], num_clients: int) -> None:

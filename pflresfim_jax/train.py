@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 import time
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -225,12 +225,9 @@ def run_one(config, fed: federation.Federation, method: str, seed: int, workdir:
         m = jax.tree.map(lambda v: np.asarray(v)[:k], metrics)  # padded clients dropped
         _check_finite(m, fed.clients, ckpt, f'{method} seed {seed}: round {rnd}')
         with stop.round_end() if stop is not None else contextlib.nullcontext():
-          val_dice = last_val = m['val']['dice']
+          last_val = m['val']['dice']
           if rnd >= first_recorded:
-            better = val_dice > best_val
-            best_val = np.where(better, val_dice, best_val)
-            best_round = np.where(better, rnd, best_round)
-            recorded = {n: np.where(better, v, recorded.get(n, v)) for n, v in m['test'].items()}
+            best_val, best_round, recorded = _record(rnd, m, best_val, best_round, recorded)
           out.write(json.dumps(_round_record(method, seed, rnd, m)) + '\n')
           out.flush()
           if writer is not None:
@@ -244,7 +241,7 @@ def run_one(config, fed: federation.Federation, method: str, seed: int, workdir:
             save(state)
           if stop is not None:
             stop.remember((lambda: ckpt.directory) if due else _host_saver(save, state))
-        progress.update(rnd + 1, f'val Dice {100 * val_dice.mean():.1f}')
+        progress.update(rnd + 1, f'val Dice {100 * last_val.mean():.1f}')
         if stop is not None and stop.requested and rnd < config.rounds - 1:
           with stop.round_end():   # the signal came after this round's checkpoint decision
             save(state)            # (no-op when on disk)
@@ -256,9 +253,35 @@ def run_one(config, fed: federation.Federation, method: str, seed: int, workdir:
     ckpt.close()
     if writer is not None:
       writer.close()
+  return _finish(done, recorded, best_round, last_val, metrics_path)
+
+
+def _record(rnd: int, m: Dict[str, Any], best_val: np.ndarray, best_round: np.ndarray,
+            recorded: Dict[str, np.ndarray]):
+  """METHOD.md 7 after round ``rnd`` (inside the recording window): each client whose
+  val Dice beats its best so far (strictly) takes this round's test metrics.
+
+  Args:
+    rnd: the round.
+    m: the round's host metrics ({'val': {'dice': [K]}, 'test': {name: [K]}}).
+    best_val, best_round: [K] so far (both start at -1).
+    recorded: {name: [K]} test metrics recorded so far ({} before the first).
+
+  Returns:
+    (best_val, best_round, recorded), updated.
+  """
+  better = m['val']['dice'] > best_val
+  return (np.where(better, m['val']['dice'], best_val), np.where(better, rnd, best_round),
+          {n: np.where(better, v, recorded.get(n, v)) for n, v in m['test'].items()})
+
+
+def _finish(done: str, recorded, best_round, last_val, metrics_path: str) -> Dict[str, np.ndarray]:
+  """run_one's result (test metrics in %, best_round, final_val_dice in %), written to
+  ``done`` (result.json); ``last_val`` None (nothing trained after a resume) is read
+  from the last line of metrics.jsonl."""
   result = {f'test_{n}': 100 * v for n, v in recorded.items()}
   result['best_round'] = best_round
-  if last_val is None:   # nothing left to train after a resume: the file has it
+  if last_val is None:
     with open(metrics_path) as f:
       last_val = json.loads(f.read().splitlines()[-1])['val']['dice']
   result['final_val_dice'] = 100 * np.asarray(last_val, np.float32)

@@ -266,6 +266,24 @@ def test_test_metrics_are_recorded_at_each_clients_best_val_dice_of_the_window(t
   np.testing.assert_allclose(res['test_dice'], want, rtol=1e-6)
 
 
+def test_record_takes_each_clients_strictly_better_rounds_against_a_loop():
+  rng = np.random.default_rng(0)
+  k, rounds = 5, 7
+  val = rng.choice([0.1, 0.5, 0.9], (rounds, k)).astype(np.float32)   # ties on purpose
+  test = rng.random((rounds, k)).astype(np.float32)
+  best_val, best_round, recorded = np.full(k, -1.0, np.float32), np.full(k, -1), {}
+  for rnd in range(rounds):
+    m = {'val': {'dice': val[rnd]}, 'test': {'dice': test[rnd], 'iou': test[rnd] / 2}}
+    best_val, best_round, recorded = train._record(rnd, m, best_val, best_round, recorded)
+  for c in range(k):
+    best, at = -1.0, -1
+    for rnd in range(rounds):
+      if val[rnd, c] > best:
+        best, at = val[rnd, c], rnd
+    assert best_round[c] == at and best_val[c] == best
+    assert recorded['dice'][c] == test[at, c] and recorded['iou'][c] == test[at, c] / 2
+
+
 def test_round_prepared_ahead_is_the_one_the_rounds_run(tmp_path, monkeypatch):
   """_train_methods prepares the round from abstract arguments (the initial state's
   eval_shape, build.bank_spec) before the bank exists: the rounds must then run that
