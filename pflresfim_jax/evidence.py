@@ -177,6 +177,6 @@ def write(config, runs: Dict, shifts: Sequence[str], out_dir: str) -> str:
                        [next(r for r in _shift_runs(runs, s) if r[0] == label) for s in shifts]]]
              for label, _, _ in _shift_runs(runs, shifts[0])]
   head += ['## Mean test Dice (%) by shift', '', *_table(['method', *shifts], summary), '']
-  colours = int(config.report.get('colours', 64))
+  colours = report.colours_of(config)
   body = [line for s in shifts for line in _shift_section(runs, s, out_dir, colours)]
   return '\n'.join(head + body + _placement_section(runs)) + '\n'

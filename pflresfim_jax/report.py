@@ -36,6 +36,8 @@ from pflresfim_jax import config as config_lib
 
 log = logging.getLogger('pflresfim_jax')
 
+COLOURS = 64   # PNG palette size when a config does not say (config.report.colours)
+
 
 def load_metrics(workdir: str) -> Dict[str, Dict[int, List[dict]]]:
   """``{method: {seed: [round records]}}`` from every ``<method>/seed<k>/metrics.jsonl``
@@ -59,7 +61,7 @@ def _plt():
   return plt
 
 
-def save_png(fig, path: str, colours: int = 64) -> None:
+def save_png(fig, path: str, colours: int = COLOURS) -> None:
   """Write matplotlib ``fig`` to ``path`` as a PNG and close it.
 
   Args:
@@ -80,6 +82,11 @@ def save_png(fig, path: str, colours: int = 64) -> None:
   _plt().close(fig)
 
 
+def colours_of(config) -> int:
+  """``config.report.colours`` (COLOURS for a config.json written before the field)."""
+  return int(config.report.get('colours', COLOURS))
+
+
 def _layer_order(name: str):
   """Encoder stages first, then the decoder from the bottom up, then the head."""
   m = re.match(r'(enc|dec)(\d+)_(\w+)', name)
@@ -89,7 +96,7 @@ def _layer_order(name: str):
   return (0, stage, name) if m.group(1) == 'enc' else (1, -stage, name)
 
 
-def dice_curves(runs, clients: List[str], path: str, colours: int = 64) -> None:
+def dice_curves(runs, clients: List[str], path: str, colours: int = COLOURS) -> None:
   """Val Dice (%) vs round, a panel per client, a line per method (seed mean)."""
   plt = _plt()
   k = len(clients)
@@ -116,7 +123,7 @@ def dice_curves(runs, clients: List[str], path: str, colours: int = 64) -> None:
 
 
 def local_layers(records: List[dict], clients: List[str], method: str, path: str,
-                 colours: int = 64) -> bool:
+                 colours: int = COLOURS) -> bool:
   """Fraction kept local per layer (heat maps); False when the records hold none."""
   recs = [r for r in records if 'layer_fraction' in r]
   if not recs:
@@ -144,7 +151,7 @@ def local_layers(records: List[dict], clients: List[str], method: str, path: str
 
 
 def predictions(workdir: str, config, fed, method: str, seed: int, path: str,
-                examples: int = 1, colours: int = 64) -> bool:
+                examples: int = 1, colours: int = COLOURS) -> bool:
   """Image / label / prediction for ``examples`` test images per client; False if no checkpoint."""
   import jax
   import jax.numpy as jnp
@@ -232,7 +239,7 @@ def build(workdir: str, config=None, fed=None) -> str:
   runs = load_metrics(workdir)
   if not runs:
     raise FileNotFoundError(f'no <method>/seed<k>/metrics.jsonl in {workdir}: nothing to report')
-  colours = int(config.report.get('colours', 64))
+  colours = colours_of(config)
   pics_dir = os.path.join(workdir, 'report')
   os.makedirs(pics_dir, exist_ok=True)
   pictures = []

@@ -54,6 +54,8 @@ def test_pictures_are_written_with_the_palette_asked_for(tmp_path):
       shape = im.size
     assert shape == (3 * 4 * 80, 3 * 80)   # figsize (12, 3) inches at 80 dpi, either way
   assert sizes[16] < sizes[64] < sizes[0]
+  from pflresfim_jax import config as config_lib   # one default, for configs with and without the field
+  assert config_lib.base_config().report.colours == report.COLOURS == 64
 
 
 def test_layer_order_is_the_models_order():
